@@ -1,0 +1,38 @@
+"""finefp8: DeepSeek-V3-style fine-grained FP8 quantization.
+
+The public API reads like the math::
+
+    q, s = finefp8.quantize_blockwise(w)            # 128x128 blocks, s = amax / 448
+    xq, xs = finefp8.quantize_groupwise(x)          # 1x128 groups per token
+    y = finefp8.fp8_gemm(xq, xs, q, s)              # x @ w.T, fp32 promotion every 128 of K
+"""
+
+from .formats import E4M3, E5M2, UE8M0, FP8Format, decode, encode
+from .gemm import limited_dot
+from .ops import (
+    dequantize_blockwise,
+    dequantize_groupwise,
+    fp8_gemm,
+    quantize_blockwise,
+    quantize_groupwise,
+    select_backend,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "E4M3",
+    "E5M2",
+    "UE8M0",
+    "FP8Format",
+    "encode",
+    "decode",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "quantize_groupwise",
+    "dequantize_groupwise",
+    "fp8_gemm",
+    "limited_dot",
+    "select_backend",
+    "__version__",
+]
