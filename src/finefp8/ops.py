@@ -11,6 +11,7 @@ Every op takes ``backend=`` to force one; an unavailable forced backend is an er
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import gemm as _gemm
 from . import quantization as _q
@@ -24,6 +25,7 @@ __all__ = [
     "quantize_groupwise",
     "dequantize_groupwise",
     "fp8_gemm",
+    "weight_only_linear",
 ]
 
 BACKENDS = ("auto", "reference")
@@ -76,3 +78,17 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     """``finefp8.gemm.fp8_gemm`` on the selected backend (the emulator always runs the reference)."""
     select_backend("fp8_gemm", a.device, backend)
     return _gemm.fp8_gemm(a, a_scale, b, b_scale, out_dtype, promote_every, accum_bits, **kwargs)
+
+
+def weight_only_linear(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor,
+                       bias: torch.Tensor | None = None, *,
+                       block_size: tuple[int, int] = BLOCK_SIZE, backend: str = "auto") -> torch.Tensor:
+    """``y = x @ (q * scale_inv).T + bias``: a linear layer with a block-quantized weight.
+
+    Shapes: ``x`` ``[..., K]``, ``q`` ``[N, K]`` fp8, ``scale_inv`` ``[ceil(N/bm), ceil(K/bn)]``,
+    ``bias`` ``[N]``; returns ``[..., N]`` in ``x.dtype``. The weight is dequantized to
+    ``x.dtype`` and multiplied with an ordinary GEMM.
+    """
+    select_backend("weight_only_linear", x.device, backend)
+    w = _q.dequantize_blockwise(q, scale_inv, block_size, dtype=x.dtype)
+    return F.linear(x, w, bias)
