@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from . import __version__
 from .formats import FORMATS
+
+
+def _pow2_label(v: float | None) -> str:
+    """``2^e`` for powers of two (with the decimal value when it is short), else ``%g``."""
+    if v is None:
+        return "none"
+    m, e = math.frexp(v)
+    if m != 0.5:
+        return f"{v:g}"
+    label = f"2^{e - 1}"
+    return f"{label} = {v!r}" if len(repr(v)) <= 12 else label
 
 
 def _cmd_formats(args: argparse.Namespace) -> int:
@@ -17,14 +29,17 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     table = Table(title="8-bit float formats")
     for col in ("format", "torch dtype", "bias", "max", "min normal", "min subnormal", "eps",
                 "inf", "NaN codes"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=True)
     for f in FORMATS.values():
+        nans = ", ".join(f"0x{c:02X}" for c in f.nan_codes)
         table.add_row(
-            f.name.upper(), str(f.torch_dtype).replace("torch.", ""), str(f.bias), f"{f.max:g}",
-            f"{f.min_normal:g}", "none" if f.min_subnormal is None else f"{f.min_subnormal:g}",
-            f"{f.eps:g}", "yes" if f.has_inf else "no", ", ".join(f"0x{c:02X}" for c in f.nan_codes),
+            f.name.upper(), str(f.torch_dtype).replace("torch.", ""), str(f.bias),
+            f"{f.max:g}" if f.max < 1e6 else _pow2_label(f.max), _pow2_label(f.min_normal),
+            _pow2_label(f.min_subnormal), _pow2_label(f.eps), "yes" if f.has_inf else "no", nans,
         )
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 150)
+    console.print(table)
     return 0
 
 
