@@ -28,16 +28,24 @@ MMA_K = 32  # fp8 elements of K consumed by one Hopper WGMMA instruction
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def _truncate_to_bits(t: torch.Tensor, e: torch.Tensor, bits: int) -> torch.Tensor:
+    """Truncate ``t`` toward zero to multiples of ``2**(e - bits)`` (``bits`` bits below ``2**e``)."""
+    ulp = torch.ldexp(torch.ones_like(t), e - bits)
+    return torch.trunc(t / ulp) * ulp
+
+
 def limited_dot(a: torch.Tensor, b: torch.Tensor, accum_bits: int, mma_k: int = MMA_K) -> torch.Tensor:
-    """``a @ b.T`` through an accumulator that keeps ``accum_bits`` bits below its top bit.
+    """``a @ b.T`` through an accumulator register that holds ``accum_bits`` significant bits.
 
     Args:
         a: ``[M, L]`` float64 (exact fp8 values), b: ``[N, L]`` float64.
-        accum_bits: bits kept relative to the largest exponent of each addition step.
+        accum_bits: significant bits kept, the leading one included (14 for the H800).
         mma_k: products added in one step (one tensor-core instruction).
     Returns:
         ``[M, N]`` float64. Per step, with ``t`` = the running sum and the ``mma_k`` new
-        products, ``2**e`` > max|t|: ``acc = sum(trunc(t / 2**(e - bits))) * 2**(e - bits)``.
+        products and ``2**e > max|t|``, every term is aligned to ``2**e`` and truncated,
+        ``s = sum(trunc(t / 2**(e - bits))) * 2**(e - bits)``, and the sum is truncated again
+        to ``bits`` bits below its own top (a carry cannot widen the register).
     """
     m, length = a.shape
     n = b.shape[0]
@@ -46,8 +54,8 @@ def limited_dot(a: torch.Tensor, b: torch.Tensor, accum_bits: int, mma_k: int = 
         prods = a[:, None, j : j + mma_k] * b[None, :, j : j + mma_k]
         terms = torch.cat([acc.unsqueeze(-1), prods], dim=-1)
         _, e = torch.frexp(terms.abs().amax(-1))
-        ulp = torch.ldexp(torch.ones_like(acc), e - accum_bits).unsqueeze(-1)
-        acc = torch.trunc(terms / ulp).sum(-1) * ulp[..., 0]
+        total = _truncate_to_bits(terms, e.unsqueeze(-1), accum_bits).sum(-1)
+        acc = _truncate_to_bits(total, torch.frexp(total)[1], accum_bits)
     return acc
 
 
