@@ -38,7 +38,13 @@ def test_fp8_gemm_matches_float64_reference(m, n, k, seed, log_mag):
     c = G.fp8_gemm(a, sa, b, sb, out_dtype=torch.float32)
     ref = float64_reference(a, sa, b, sb)
     assert c.shape == (m, n) and c.dtype == torch.float32
-    assert rel_fro(c, ref) < 1e-6
+    # fp32 accumulation error is relative to sum |a_k b_k|, not to |sum a_k b_k|: with a
+    # single output a cancelling dot product can leave 1e-6 of the *result* behind.
+    absolute = Q.dequantize_groupwise(a, sa, dtype=torch.float64).abs() @ \
+        Q.dequantize_blockwise(b, sb, dtype=torch.float64).abs().T
+    assert float((c.double() - ref).norm() / absolute.norm()) < 1e-6
+    if m * n >= 64:
+        assert rel_fro(c, ref) < 1e-6
 
 
 def test_fp8_gemm_deepseek_shape_and_bf16_output():

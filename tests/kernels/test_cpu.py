@@ -1,0 +1,398 @@
+"""The compiled CPU kernels (finefp8.kernels.cpu): bit-identical to the reference, and the fallback."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from finefp8 import gemm as G
+from finefp8 import ops
+from finefp8 import quantization as Q
+from finefp8.formats import E4M3, E5M2, decode, encode
+from finefp8.kernels import cpu
+
+needs_kernels = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels did not build")
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _codes(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.uint8)
+
+
+def _same_quant(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> None:
+    assert a[0].dtype == b[0].dtype == torch.float8_e4m3fn
+    assert a[0].shape == b[0].shape and a[1].shape == b[1].shape
+    diff = int((_codes(a[0]) != _codes(b[0])).sum())
+    assert diff == 0, f"{diff} codes differ"
+    assert torch.equal(a[1], b[1]), "scales differ"
+
+
+def _weights(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random values over many magnitudes, with an all-zero band and a tiny band."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp(torch.empty(shape).uniform_(-12, 6, generator=g))
+    if x.shape[0] > 2:
+        x[: x.shape[0] // 3] *= 1e-3
+        x[-1:] = 0.0
+    return x.to(dtype)
+
+
+# ----------------------------------------------------------------------------- the fp8 cast
+
+
+def _tie_values() -> torch.Tensor:
+    """Every E4M3 value, every midpoint between neighbours (the ties), their fp32 neighbours."""
+    vals = decode(torch.arange(0, 0x7F, dtype=torch.uint8), E4M3).double()  # 0 .. 448
+    mids = (vals[1:] + vals[:-1]) / 2
+    above = torch.tensor([448.0, 456.0, 464.0, 472.0, 480.0, 500.0, 1e4, 3e38], dtype=torch.float64)
+    base = torch.cat([vals, mids, above]).float()
+    up = torch.nextafter(base, torch.tensor(float("inf")))
+    down = torch.nextafter(base, torch.tensor(0.0))
+    pos = torch.cat([base, up, down])
+    return torch.cat([pos, -pos])
+
+
+@needs_kernels
+def test_cast_matches_encode_code_for_code():
+    g = torch.Generator().manual_seed(1)
+    parts = [
+        _tie_values(),
+        torch.randn(1_000_000, generator=g) * torch.exp(torch.empty(1_000_000).uniform_(-16, 8, generator=g)),
+        torch.empty(500_000).uniform_(-2.0**-6, 2.0**-6, generator=g),  # E4M3 subnormal range
+        torch.randint(-(2**31), 2**31 - 1, (500_000,), generator=g, dtype=torch.int64)
+        .to(torch.int32).view(torch.float32),  # random bit patterns: denormals, NaN, Inf
+        torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -float("nan")]),
+    ]
+    x = torch.cat(parts)
+    got = cpu.cast_e4m3(x)
+    want = encode(x, E4M3, saturate=True)
+    bad = (got != want).nonzero()
+    assert bad.numel() == 0, f"{bad.numel()} codes differ, e.g. x={x[bad[0]].item()!r}"
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+@pytest.mark.parametrize("shape", [(1, 1), (576, 1536), (129, 257), (300, 700), (128, 128)])
+def test_quantize_blockwise_identical(shape, dtype, scale_fmt):
+    w = _weights(shape, dtype, seed=shape[0] * 7 + shape[1])
+    _same_quant(cpu.quantize_blockwise(w, scale_fmt=scale_fmt),
+                Q.quantize_blockwise(w, scale_fmt=scale_fmt))
+
+
+@needs_kernels
+@pytest.mark.parametrize("block_size", [(64, 32), (1, 128), (50, 37), (1000, 1000)])
+def test_quantize_blockwise_other_blocks_and_floor(block_size):
+    w = _weights((300, 200), torch.bfloat16, seed=3)
+    _same_quant(cpu.quantize_blockwise(w, block_size, amax_floor=1e-4),
+                Q.quantize_blockwise(w, block_size, amax_floor=1e-4))
+
+
+@needs_kernels
+@pytest.mark.parametrize("amax_floor", [0.0, 1e-30, 1e-4])
+def test_zero_blocks_with_any_floor(amax_floor):
+    """A zero block with floor 0 gives 0/0 = NaN codes in the reference: the kernels agree."""
+    w = _weights((256, 300), torch.bfloat16, seed=9)
+    w[:128, :128] = 0.0
+    _same_quant(cpu.quantize_blockwise(w, amax_floor=amax_floor),
+                Q.quantize_blockwise(w, amax_floor=amax_floor))
+    _same_quant(cpu.quantize_groupwise(w, amax_floor=amax_floor),
+                Q.quantize_groupwise(w, amax_floor=amax_floor))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+@pytest.mark.parametrize("shape", [(1,), (7, 128), (3, 5, 300), (2, 1, 1000), (64, 576)])
+def test_quantize_groupwise_identical(shape, dtype, scale_fmt):
+    x = _weights(shape, dtype, seed=sum(shape))
+    _same_quant(cpu.quantize_groupwise(x, scale_fmt=scale_fmt),
+                Q.quantize_groupwise(x, scale_fmt=scale_fmt))
+
+
+@needs_kernels
+@pytest.mark.parametrize("group_size", [1, 32, 100, 4096])
+def test_quantize_groupwise_other_groups(group_size):
+    x = _weights((9, 700), torch.float32, seed=group_size)
+    _same_quant(cpu.quantize_groupwise(x, group_size), Q.quantize_groupwise(x, group_size))
+
+
+@needs_kernels
+def test_quantize_non_contiguous_input():
+    w = _weights((400, 300), torch.bfloat16, seed=5).T
+    _same_quant(cpu.quantize_blockwise(w), Q.quantize_blockwise(w))
+    _same_quant(cpu.quantize_groupwise(w), Q.quantize_groupwise(w))
+
+
+@needs_kernels
+def test_quantize_threads_split_gives_same_result():
+    w = _weights((1024, 640), torch.bfloat16, seed=11)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.quantize_blockwise(w)
+        torch.set_num_threads(max(2, threads))
+        many = cpu.quantize_blockwise(w)
+    finally:
+        torch.set_num_threads(threads)
+    _same_quant(one, many)
+    _same_quant(one, Q.quantize_blockwise(w))
+
+
+@needs_kernels
+@given(m=st.integers(1, 300), n=st.integers(1, 300), log_mag=st.floats(-6, 4),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_quantize_property_identical(m, n, log_mag, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(m, n, generator=g) * 10.0**log_mag).to(dtype)
+    _same_quant(cpu.quantize_blockwise(w), Q.quantize_blockwise(w))
+    _same_quant(cpu.quantize_groupwise(w), Q.quantize_groupwise(w))
+
+
+@needs_kernels
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_raises_the_reference_error(bad):
+    w = _weights((300, 300), torch.bfloat16, seed=2)
+    w[200, 150] = bad
+    with pytest.raises(ValueError, match=r"block \(1, 1\): rows 128:256, columns 128:256") as got:
+        cpu.quantize_blockwise(w, name="layer.weight")
+    assert "layer.weight" in str(got.value)
+    with pytest.raises(ValueError, match=r"channels 128:256"):
+        cpu.quantize_groupwise(w)
+    _same_quant_nan = cpu.quantize_blockwise(w, allow_nonfinite=True)
+    want = Q.quantize_blockwise(w, allow_nonfinite=True)
+    assert torch.equal(_codes(_same_quant_nan[0]), _codes(want[0]))
+    assert torch.equal(_same_quant_nan[1], want[1])
+    got_g, want_g = cpu.quantize_groupwise(w, allow_nonfinite=True), Q.quantize_groupwise(w, allow_nonfinite=True)
+    assert torch.equal(_codes(got_g[0]), _codes(want_g[0])) and torch.equal(got_g[1], want_g[1])
+
+
+@needs_kernels
+def test_unsupported_cases_run_the_reference():
+    w = _weights((200, 300), torch.float64, seed=4)
+    _same_quant(cpu.quantize_blockwise(w), Q.quantize_blockwise(w))  # float64 input
+    q, s = cpu.quantize_blockwise(w.float(), fmt=E5M2)
+    q_ref, s_ref = Q.quantize_blockwise(w.float(), fmt=E5M2)
+    assert q.dtype == torch.float8_e5m2 and torch.equal(_codes(q), _codes(q_ref)) and torch.equal(s, s_ref)
+    with pytest.raises(ValueError, match="2-D"):
+        cpu.quantize_blockwise(w[0])
+    with pytest.raises(ValueError, match="scale_fmt"):
+        cpu.quantize_blockwise(w, scale_fmt="e8m0")
+    with pytest.raises(TypeError, match="already FP8"):
+        cpu.quantize_groupwise(q)
+    with pytest.raises(ValueError, match="group_size"):
+        cpu.quantize_groupwise(w, 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(256, 512), (300, 700), (64, 4096)])
+def test_huge_page_outputs_give_the_same_results(monkeypatch, shape):
+    """Large outputs are advised to use huge pages before the kernels write them: force
+    that path on small tensors (aligned and unaligned rows) and compare."""
+    monkeypatch.setattr(cpu, "_HUGE_OUTPUT_BYTES", 1)
+    w = _weights(shape, torch.bfloat16, seed=shape[1])
+    qb, sb = cpu.quantize_blockwise(w)
+    _same_quant((qb, sb), Q.quantize_blockwise(w))
+    _same_quant(cpu.quantize_groupwise(w), Q.quantize_groupwise(w))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(cpu.dequantize_blockwise(qb, sb, dtype=dtype),
+                           Q.dequantize_blockwise(qb, sb, dtype=dtype))
+        qg, sg = Q.quantize_groupwise(w)
+        assert torch.equal(cpu.dequantize_groupwise(qg, sg, dtype=dtype),
+                           Q.dequantize_groupwise(qg, sg, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------- dequantization
+
+
+def _random_codes(shape: tuple[int, ...], seed: int, nan: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    if not nan:
+        c[(c & 0x7F) == 0x7F] = 0x3C
+    return c.view(torch.float8_e4m3fn)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+@pytest.mark.parametrize("nan", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1), (300, 700), (256, 512)])
+def test_dequantize_identical(shape, dtype, nan):
+    q = _random_codes(shape, seed=shape[1], nan=nan)
+    g = torch.Generator().manual_seed(9)
+    s = torch.rand(Q.block_grid(shape), generator=g) * 100 + 1e-3
+    got, want = cpu.dequantize_blockwise(q, s, dtype=dtype), Q.dequantize_blockwise(q, s, dtype=dtype)
+    assert got.dtype == want.dtype == dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    sg = torch.rand(shape[0], -(-shape[1] // 128), generator=g) * 1e-3
+    got, want = cpu.dequantize_groupwise(q, sg, dtype=dtype), Q.dequantize_groupwise(q, sg, dtype=dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequantize_output_rounding_over_all_magnitudes(dtype):
+    """Code 0x38 (1.0) times random fp32 scales: the kernels' fp32 -> bf16/fp16 rounding
+    (ties, subnormal outputs, overflow to Inf) against torch's cast, value for value."""
+    g = torch.Generator().manual_seed(12)
+    bits = torch.randint(-(2**31), 2**31 - 1, (400_000,), generator=g, dtype=torch.int64)
+    vals = bits.to(torch.int32).view(torch.float32).abs()
+    vals = vals[torch.isfinite(vals) & (vals > 0) & (vals < 1e37)]
+    q = torch.full((vals.numel(), 1), 0x38, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    got = cpu.dequantize_groupwise(q, vals[:, None], dtype=dtype)
+    want = Q.dequantize_groupwise(q, vals[:, None], dtype=dtype)
+    assert torch.equal(got, want)
+
+
+@needs_kernels
+def test_dequantize_roundtrip_and_shape_errors():
+    w = _weights((257, 300), torch.float32, seed=8)
+    q, s = cpu.quantize_blockwise(w, (64, 32))
+    assert torch.equal(cpu.dequantize_blockwise(q, s, (64, 32), torch.float32),
+                       Q.dequantize_blockwise(q, s, (64, 32), torch.float32))
+    with pytest.raises(ValueError, match="scale shape"):
+        cpu.dequantize_blockwise(q, s[:-1])
+    x = _weights((3, 4, 300), torch.bfloat16, seed=6)
+    qx, sx = cpu.quantize_groupwise(x, 100)
+    assert torch.equal(cpu.dequantize_groupwise(qx, sx, 100), Q.dequantize_groupwise(qx, sx, 100))
+    with pytest.raises(ValueError, match="scale shape"):
+        cpu.dequantize_groupwise(qx, sx[..., :-1], 100)
+
+
+# ----------------------------------------------------------------------------- linear and GEMM
+
+
+def _rel_fro(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+@needs_kernels
+@pytest.mark.parametrize("tokens", [1, 3, 16, cpu.FUSED_LINEAR_MAX_TOKENS + 6])
+@pytest.mark.parametrize("shape,block", [((300, 700), (128, 128)), ((257, 129), (128, 128)),
+                                         ((100, 90), (50, 37)), ((384, 1024), (128, 128))])
+def test_weight_only_linear_fp32_matches_float64(shape, block, tokens):
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k + tokens)
+    q, s = Q.quantize_blockwise(torch.randn(n, k, generator=g), block)
+    x = torch.randn(tokens, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    w64 = Q.dequantize_blockwise(q, s, block, dtype=torch.float64)
+    ref = x.double() @ w64.T + bias.double()
+    y = cpu.weight_only_linear(x, q, s, bias, block_size=block)
+    assert y.dtype == torch.float32 and y.shape == (tokens, n)
+    assert _rel_fro(y, ref) < 1e-6
+
+
+@needs_kernels
+def test_weight_only_linear_bf16_and_leading_dims():
+    g = torch.Generator().manual_seed(4)
+    q, s = Q.quantize_blockwise(torch.randn(256, 576, generator=g))
+    x = torch.randn(2, 3, 576, generator=g).to(torch.bfloat16)
+    y = cpu.weight_only_linear(x, q, s)
+    ref = x.double() @ Q.dequantize_blockwise(q, s, dtype=torch.float64).T
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 256)
+    # the fused kernel is exact up to fp32 sums, then rounds once to bf16 (2**-9 relative)
+    assert torch.all((y.double() - ref).abs() <= 2.0**-8 * ref.abs() + 1e-6 * ref.abs().max())
+    assert _rel_fro(y, ref) < 2.0**-8
+
+
+@needs_kernels
+def test_weight_only_linear_nan_code_propagates():
+    g = torch.Generator().manual_seed(5)
+    q, s = Q.quantize_blockwise(torch.randn(8, 256, generator=g))
+    codes = q.view(torch.uint8).clone()
+    codes[3, 200] = 0xFF
+    y = cpu.weight_only_linear(torch.randn(2, 256, generator=g), codes.view(torch.float8_e4m3fn), s)
+    assert torch.isnan(y[:, 3]).all() and torch.isfinite(y[:, [0, 1, 2, 4, 5, 6, 7]]).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 5, 100])
+@pytest.mark.parametrize("n,k", [(300, 700), (257, 129)])
+def test_fp8_gemm_matches_float64(m, n, k):
+    g = torch.Generator().manual_seed(m * n + k)
+    qa, sa = Q.quantize_groupwise(torch.randn(m, k, generator=g) * 3)
+    qb, sb = Q.quantize_blockwise(torch.randn(n, k, generator=g))
+    ref = Q.dequantize_groupwise(qa, sa, dtype=torch.float64) @ Q.dequantize_blockwise(qb, sb, dtype=torch.float64).T
+    y = cpu.fp8_gemm(qa, sa, qb, sb, out_dtype=torch.float32)
+    assert y.dtype == torch.float32 and _rel_fro(y, ref) < 1e-6
+    if m == 1:  # the accumulation emulator is the reference's (slow: one small case)
+        emulated = cpu.fp8_gemm(qa, sa, qb, sb, torch.float32, accum_bits=14)
+        assert torch.equal(emulated, G.fp8_gemm(qa, sa, qb, sb, torch.float32, accum_bits=14))
+    with pytest.raises(ValueError, match="a_scale"):
+        cpu.fp8_gemm(qa, sa[:, :-1], qb, sb)
+
+
+# ----------------------------------------------------------------------------- dispatch, fallback
+
+
+@needs_kernels
+def test_ops_auto_picks_cpu_and_reference_can_be_forced(monkeypatch):
+    dev = torch.device("cpu")
+    for op in cpu.CPU_OPS:
+        assert ops.select_backend(op, dev) == "cpu"
+        assert ops.select_backend(op, dev, "reference") == "reference"
+    w = _weights((130, 260), torch.bfloat16, seed=1)
+    _same_quant(ops.quantize_blockwise(w), Q.quantize_blockwise(w))
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the cpu kernel ran although backend='reference' was forced")
+
+    monkeypatch.setattr(cpu, "quantize_blockwise", boom)
+    _same_quant(ops.quantize_blockwise(w, backend="reference"), Q.quantize_blockwise(w))
+
+
+def test_fallback_when_the_library_is_unavailable(monkeypatch):
+    monkeypatch.setattr(cpu, "_library", lambda: None)
+    dev = torch.device("cpu")
+    assert not cpu.available()
+    assert ops.select_backend("quantize_blockwise", dev) == "reference"
+    with pytest.raises(RuntimeError, match="unavailable"):
+        ops.select_backend("quantize_blockwise", dev, "cpu")
+    w = _weights((130, 260), torch.bfloat16, seed=2)
+    _same_quant(cpu.quantize_blockwise(w), Q.quantize_blockwise(w))
+    _same_quant(cpu.quantize_groupwise(w), Q.quantize_groupwise(w))
+    q, s = Q.quantize_blockwise(w)
+    assert torch.equal(cpu.dequantize_blockwise(q, s), Q.dequantize_blockwise(q, s))
+    x = torch.randn(2, 260)
+    assert torch.equal(cpu.weight_only_linear(x, q, s),
+                       torch.nn.functional.linear(x, Q.dequantize_blockwise(q, s, dtype=torch.float32)))
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("FINEFP8_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
+    lib, why = cpu._load()
+    assert lib is None and "no C compiler" in why
+    cpu._built.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not cpu.available()
+            assert not cpu.available()
+        msgs = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
+        assert len(msgs) == 1 and "pure-torch reference" in msgs[0] and "\n" not in msgs[0]
+    finally:
+        cpu._built.cache_clear()
+
+
+def test_disable_environment_variable(monkeypatch):
+    monkeypatch.setenv("FINEFP8_DISABLE_CPU_KERNELS", "1")
+    lib, why = cpu._load()
+    assert lib is None and "FINEFP8_DISABLE_CPU_KERNELS" in why
+
+
+@needs_kernels
+def test_cpu_backend_rejects_what_it_cannot_run():
+    with pytest.raises(ValueError, match="needs CPU tensors"):
+        ops.select_backend("quantize_blockwise", torch.device("cuda"), "cpu")
