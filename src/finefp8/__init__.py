@@ -20,6 +20,17 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+#: Inference names, imported from ``finefp8.nn`` on first use (keeps ``import finefp8`` light).
+_NN_EXPORTS = ("FP8Config", "FP8Linear", "quantize_model", "load")
+
+
+def __getattr__(name: str):
+    if name in _NN_EXPORTS:
+        from . import nn
+
+        return getattr(nn, name)
+    raise AttributeError(f"module 'finefp8' has no attribute {name!r}")
+
 __all__ = [
     "E4M3",
     "E5M2",
@@ -34,5 +45,9 @@ __all__ = [
     "fp8_gemm",
     "limited_dot",
     "select_backend",
+    "FP8Config",
+    "FP8Linear",
+    "quantize_model",
+    "load",
     "__version__",
 ]

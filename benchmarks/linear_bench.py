@@ -1,0 +1,163 @@
+"""FP8Linear forward on the CPU against nn.Linear in bf16 and fp32, DeepSeek-V3 shapes.
+
+For each weight shape ``[out, in]`` and each token count, one run times, in the same process:
+
+* ``nn.Linear`` fp32 (fp32 input) and ``nn.Linear`` bf16 (bf16 input): the baselines;
+* ``FP8Linear`` ``weight_only`` with a bf16 input and with an fp32 input
+  (``finefp8.ops.weight_only_linear``: the fused CPU kernel when it builds);
+* ``FP8Linear`` ``w8a8`` with a bf16 input: per-token 1x128 activation quantization plus the
+  block-scaled GEMM, which on a CPU is an exact emulation of the FP8 tensor-core math;
+
+and reports the best of ``--repeat`` runs (the machine is shared: the best run is the least
+disturbed one), the ratio of each variant's time to bf16 and to fp32 ``nn.Linear`` (> 1:
+slower), and the resident bytes each variant holds for its weight (parameters + buffers: 4,
+2, and 1 byte a parameter plus the fp32 block scales). Targets: at 1 token weight-only FP8 at
+least as fast as bf16 (ratio <= 1), at 16 tokens within 1.5x.
+
+    python benchmarks/linear_bench.py [--tokens 1 16 512] [--shapes 7168x18432 ...] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from finefp8.kernels import cpu as cpu_kernels
+from finefp8.nn import FP8Config, FP8Linear, resident_bytes
+
+#: ``[out, in]`` weights of DeepSeek-V3: the dense MLP's down projection, its gate/up
+#: projections, and the fused q_a/kv_a projection of MLA (1536 + 576 = 2112 rows).
+DEFAULT_SHAPES = ("7168x18432", "18432x7168", "2112x7168")
+DEFAULT_TOKENS = (1, 16, 512)
+BASELINE = "nn.Linear bf16"
+BASELINE_FP32 = "nn.Linear fp32"
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of ``repeat`` calls of ``fn`` (seconds), after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def parse_shape(s: str) -> tuple[int, int]:
+    """``"7168x18432"`` -> ``(7168, 18432)`` (out, in)."""
+    try:
+        out, inp = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape {s!r}: expected OUTxIN, e.g. 7168x18432") from None
+    return out, inp
+
+
+def variants(out_f: int, in_f: int) -> list[tuple[str, nn.Module, torch.dtype]]:
+    """``(name, module, input dtype)`` for every variant of one weight shape."""
+    torch.manual_seed(0)
+    ref = nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        ref.weight.normal_(0, in_f ** -0.5)
+    bf16 = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        bf16.weight.copy_(ref.weight)
+    wo = FP8Linear.from_linear(ref, FP8Config(mode="weight_only"))
+    w8a8 = FP8Linear.from_quantized(wo.weight, wo.weight_scale_inv, None, FP8Config())
+    return [
+        (BASELINE_FP32, ref, torch.float32),
+        (BASELINE, bf16, torch.bfloat16),
+        ("FP8 weight_only (bf16 x)", wo, torch.bfloat16),
+        ("FP8 weight_only (fp32 x)", wo, torch.float32),
+        ("FP8 w8a8 (bf16 x)", w8a8, torch.bfloat16),
+    ]
+
+
+def run(shapes: list[tuple[int, int]], tokens: list[int], repeat: int,
+        w8a8_max_tokens: int) -> list[dict]:
+    """Time every variant; one dict per (shape, tokens, variant)."""
+    rows = []
+    for out_f, in_f in shapes:
+        vs = variants(out_f, in_f)
+        for m in tokens:
+            x32 = torch.randn(m, in_f)
+            base = base32 = None
+            results = []
+            for name, mod, dtype in vs:
+                if "w8a8" in name and m > w8a8_max_tokens:
+                    continue
+                x = x32.to(dtype)
+                with torch.inference_mode():
+                    t = best_time(lambda mod=mod, x=x: mod(x), repeat if m < 512 else max(2, repeat // 2))
+                if name == BASELINE:
+                    base = t
+                if name == BASELINE_FP32:
+                    base32 = t
+                results.append((name, mod, t))
+            for name, mod, t in results:
+                rows.append({"shape": f"{out_f}x{in_f}", "tokens": m, "variant": name,
+                             "ms": t * 1e3, "vs_bf16": t / base if base else float("nan"),
+                             "vs_fp32": t / base32 if base32 else float("nan"),
+                             "bytes": resident_bytes(mod),
+                             "bytes_per_param": resident_bytes(mod) / (out_f * in_f)})
+        del vs
+        gc.collect()
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results as a Markdown table."""
+    lines = ["| weight [out, in] | tokens | variant | time (ms) | / bf16 nn.Linear | "
+             "/ fp32 nn.Linear | resident weight MB | bytes / param |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['variant']} | {r['ms']:.2f} | "
+                     f"{r['vs_bf16']:.2f} | {r['vs_fp32']:.2f} | {r['bytes'] / 1e6:.1f} | "
+                     f"{r['bytes_per_param']:.4f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", nargs="+", type=parse_shape,
+                   default=[parse_shape(s) for s in DEFAULT_SHAPES], help="OUTxIN weight shapes")
+    p.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS))
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per case (best is kept)")
+    p.add_argument("--w8a8-max-tokens", type=int, default=512,
+                   help="skip the (emulated, slow) w8a8 variant above this many tokens")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown to FILE")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; fused CPU kernels: "
+          f"{'yes' if cpu_kernels.available() else 'no'}")
+    rows = run(args.shapes, args.tokens, args.repeat, args.w8a8_max_tokens)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="FP8Linear vs nn.Linear, CPU (best of runs)")
+    for col in ("weight [out, in]", "tokens", "variant", "ms", "/ bf16", "/ fp32", "MB", "B/param"):
+        table.add_column(col, justify="left" if col in ("variant", "weight [out, in]") else "right",
+                         no_wrap=True)
+    for r in rows:
+        table.add_row(r["shape"], str(r["tokens"]), r["variant"], f"{r['ms']:.2f}",
+                      f"{r['vs_bf16']:.2f}", f"{r['vs_fp32']:.2f}", f"{r['bytes'] / 1e6:.1f}",
+                      f"{r['bytes_per_param']:.4f}")
+    Console(width=max(120, Console().width)).print(table)
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown(rows) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
