@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
          lambda: ops.dequantize_groupwise(*qx_ours, backend="reference"),
          lambda: ops.dequantize_groupwise(*qx_ours)),
     ]
-    header = (f"{'case':44s} {'naive ms':>9s} {'ref ms':>8s} {'ours ms':>8s} {'ours in GB/s':>12s} "
+    header = (f"{'case':48s} {'naive ms':>9s} {'ref ms':>8s} {'ours ms':>8s} {'ours in GB/s':>12s} "
               f"{'moved GB/s':>10s} {'ours/naive':>10s} {'ours/copy':>9s}")
     print(header)
     print("-" * len(header))
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         t_ref = best_time(reference, args.repeat)
         t_ours = best_time(ours, args.repeat)
         moved = 3 * numel / t_ours / 1e9
-        print(f"{label:44s} {t_naive * 1e3:9.1f} {t_ref * 1e3:8.1f} {t_ours * 1e3:8.1f} "
+        print(f"{label:48s} {t_naive * 1e3:9.1f} {t_ref * 1e3:8.1f} {t_ours * 1e3:8.1f} "
               f"{in_bytes * numel / t_ours / 1e9:12.2f} {moved:10.2f} {t_naive / t_ours:9.1f}x "
               f"{moved / bw:8.0%}")
     print("\nin GB/s: input bytes / time; moved: 3 bytes per element (bf16 + fp8) / time; "
@@ -179,6 +179,8 @@ def compute_rates(repeat: int) -> None:
         rows = [
             ("block quantize (amax pass + divide + cast)", strip.numel(),
              lambda: ops.quantize_blockwise(strip)),
+            ("block quantize, ue8m0 (amax + multiply + cast)", strip.numel(),
+             lambda: ops.quantize_blockwise(strip, scale_fmt="ue8m0")),
             ("group quantize (amax + divide + cast)", strip.numel(),
              lambda: ops.quantize_groupwise(strip)),
             ("fp32 -> e4m3 cast alone", vals.numel(), lambda: cpu_kernels.cast_e4m3(vals)),
@@ -186,7 +188,7 @@ def compute_rates(repeat: int) -> None:
         print("\n(e) one core, data in cache (G elements/s; ns per element)")
         for label, numel, fn in rows:
             t = best_time(fn, max(repeat, 20))
-            print(f"{label:44s} {numel / t / 1e9:6.2f} G/s {t / numel * 1e9:6.2f} ns")
+            print(f"{label:48s} {numel / t / 1e9:6.2f} G/s {t / numel * 1e9:6.2f} ns")
     finally:
         torch.set_num_threads(threads)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -156,6 +157,125 @@ def test_quantize_property_identical(m, n, log_mag, dtype, seed):
     w = (torch.randn(m, n, generator=g) * 10.0**log_mag).to(dtype)
     _same_quant(cpu.quantize_blockwise(w), Q.quantize_blockwise(w))
     _same_quant(cpu.quantize_groupwise(w), Q.quantize_groupwise(w))
+
+
+# The kernels quantize by a multiplication with r = fl(1/s) and redo with the true division
+# the lanes whose product lies near an E4M3 rounding midpoint (cpu_kernels.c,
+# quant_run_avx2). These tests put the quotient x / s within a few fp32 ulps of every
+# midpoint, where a plain reciprocal multiplication changes codes.
+
+
+def _rows_with_amax(amax: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+    """[R, 128] rows: column 0 = +-amax[i], columns 1..127 = values[i] cycled; 128 rows per i.
+
+    Every 1x128 group and every 128x128 block then has the amax amax[i] (so the scale
+    s = amax[i] / 448), and holds the values[i] (all |v| <= amax[i]) in both signs.
+    """
+    blocks = []
+    for a, v in zip(amax, values, strict=True):
+        v = torch.cat([v, -v])
+        size = 127 * 128 * math.ceil(v.numel() / (127 * 128))  # whole 128-row blocks
+        rows = v.repeat(math.ceil(size / v.numel()))[:size].view(-1, 127)
+        first = a.expand(rows.shape[0], 1).clone()
+        first[1::2] = -first[1::2]
+        blocks.append(torch.cat([first, rows], dim=1))
+    return torch.cat(blocks)
+
+
+def _reciprocal_changes(w: torch.Tensor, scale: torch.Tensor, ref_q: torch.Tensor) -> int:
+    """How many codes e4m3(fl(x * fl(1/s))) would get wrong (rows of one 1x128 group)."""
+    y = w.float() * (1.0 / scale)
+    return int((encode(y, E4M3, saturate=True) != _codes(ref_q)).sum())
+
+
+def _near_midpoint_fp32(scale_fmt: str, amax_floor: float, seed: int) -> torch.Tensor:
+    """fp32 rows whose quotients x / s lie within 4 ulps of every E4M3 midpoint.
+
+    Amax values over many binades (and some whose scale is below 2^-126, with floor 0);
+    for each, x = fl(m * s) and its 4 fp32 neighbours on each side, for every midpoint m
+    between neighbouring E4M3 values (0 .. 432: the subnormal grid and every binade).
+    """
+    g = torch.Generator().manual_seed(seed)
+    vals = decode(torch.arange(0, 0x7F, dtype=torch.uint8), E4M3).double()
+    mids = (vals[1:] + vals[:-1]) / 2
+    exps = torch.cat([torch.arange(-20, 21, 4), torch.tensor([-118, -121, 60, 120])]).double()
+    amax = (torch.empty(exps.numel()).uniform_(1, 2, generator=g).double() * 2.0**exps).float()
+    amax = amax[amax > amax_floor]  # a floored amax: x = m * s would exceed it
+    scale = Q.scale_from_amax(amax, E4M3, scale_fmt, amax_floor)
+    values = []
+    for a, s in zip(amax, scale, strict=True):
+        x = (mids * s.double()).float()
+        near = [x]
+        up, down = x, x
+        for _ in range(4):
+            up = torch.nextafter(up, torch.tensor(float("inf")))
+            down = torch.nextafter(down, torch.tensor(0.0))
+            near += [up, down]
+        x = torch.cat(near)
+        values.append(x[x <= a])
+    return _rows_with_amax(amax, values)
+
+
+def _all_below(amax: torch.Tensor, dtype: torch.dtype, ratio: float = 2.0**-21) -> list[torch.Tensor]:
+    """For each amax: every positive finite value of dtype in [amax * ratio, amax]."""
+    pos = torch.arange(0, 0x7C00 if dtype == torch.float16 else 0x7F80, dtype=torch.int32)
+    allv = pos.to(torch.int16).view(dtype)
+    return [allv[(allv <= a) & (allv >= a * ratio)] for a in amax]
+
+
+def _exhaustive_16bit(dtype: torch.dtype) -> torch.Tensor:
+    """16-bit rows: amax over mantissas (all 128 for bf16, 40 for fp16) in a few binades
+    (2^-118: a scale below 2^-126), each with every value of the dtype from amax * 2^-21 to
+    amax: every quotient x / s of those scales, exact ties included."""
+    if dtype == torch.bfloat16:
+        mant = torch.arange(0, 128, dtype=torch.int32)
+        amax = torch.cat([((127 + e) * 128 + mant).to(torch.int16).view(torch.bfloat16)
+                          for e in (0, -118)])
+    else:
+        g = torch.Generator().manual_seed(4)
+        mant = torch.cat([torch.tensor([0, 320, 512, 1023]),
+                          torch.randint(0, 1024, (36,), generator=g)]).to(torch.int32)
+        amax = torch.cat([((15 + e) * 1024 + mant).to(torch.int16).view(torch.float16)
+                          for e in (0, 12)])
+    return _rows_with_amax(amax, _all_below(amax, dtype))
+
+
+@needs_kernels
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+@pytest.mark.parametrize("amax_floor", [Q.AMAX_FLOOR, 0.0])
+def test_quantize_near_midpoints_fp32_code_for_code(scale_fmt, amax_floor):
+    w = _near_midpoint_fp32(scale_fmt, amax_floor, seed=17)
+    ref = Q.quantize_groupwise(w, 128, scale_fmt, amax_floor=amax_floor)
+    if scale_fmt == "fp32":  # the inputs are hard: a plain reciprocal multiply fails here
+        assert _reciprocal_changes(w, ref[1], ref[0]) > 100
+    _same_quant(cpu.quantize_groupwise(w, 128, scale_fmt, amax_floor=amax_floor), ref)
+    _same_quant(cpu.quantize_blockwise(w, (128, 128), scale_fmt, amax_floor=amax_floor),
+                Q.quantize_blockwise(w, (128, 128), scale_fmt, amax_floor=amax_floor))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+def test_quantize_exhaustive_16bit_inputs_code_for_code(dtype, scale_fmt):
+    w = _exhaustive_16bit(dtype)
+    ref = Q.quantize_groupwise(w, 128, scale_fmt, amax_floor=0.0)
+    if scale_fmt == "fp32":
+        assert _reciprocal_changes(w, ref[1], ref[0]) > 0
+    _same_quant(cpu.quantize_groupwise(w, 128, scale_fmt, amax_floor=0.0), ref)
+    _same_quant(cpu.quantize_blockwise(w, (128, 128), scale_fmt, amax_floor=0.0),
+                Q.quantize_blockwise(w, (128, 128), scale_fmt, amax_floor=0.0))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale_fmt", ["fp32", "ue8m0"])
+def test_quantize_large_random_code_for_code(dtype, scale_fmt):
+    """4 M values over 18 binades (heavy-tailed blocks): every code equals the reference's."""
+    w = _weights((1024, 4096), dtype, seed=23)
+    _same_quant(cpu.quantize_blockwise(w, scale_fmt=scale_fmt),
+                Q.quantize_blockwise(w, scale_fmt=scale_fmt))
+    _same_quant(cpu.quantize_groupwise(w, scale_fmt=scale_fmt),
+                Q.quantize_groupwise(w, scale_fmt=scale_fmt))
 
 
 @needs_kernels

@@ -8,7 +8,8 @@
  * the reference's (finefp8/quantization.py), bit for bit:
  *
  *   s = max(amax, amax_floor) / 448         (fp32; ue8m0: rounded up to a power of two)
- *   q = e4m3_rne_saturate(x_fp32 / s)       (true fp32 division, not a reciprocal)
+ *   q = e4m3_rne_saturate(x_fp32 / s)       (the codes of the correctly rounded fp32
+ *                                            quotient; see quant_run_avx2)
  *   x~ = dtype(decode(q) * s)               (fp32 product, one rounding to dtype)
  *
  * Input dtypes: 0 = float32, 1 = bfloat16, 2 = float16.  Output dtypes the same codes.
@@ -212,6 +213,35 @@ static inline uint32_t absmax_u16(const uint16_t *restrict x, int64_t n) {
     return m;
 }
 
+#ifdef FF8_HAVE_F16C
+/* absmax_u16 / absmax_f32 of one 128-value group with AVX2: a tree of vector maxima, then
+ * the 8 lanes of 16 bits by phminposuw on the complements (max v = ~min ~v). */
+static inline uint32_t absmax128_u16(const uint16_t *x) {
+    const __m256i m = _mm256_set1_epi16(0x7FFF);
+    __m256i v[8];
+    for (int k = 0; k < 8; ++k)
+        v[k] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + 16 * k)), m);
+    for (int w = 4; w >= 1; w /= 2)
+        for (int k = 0; k < w; ++k) v[k] = _mm256_max_epu16(v[k], v[k + w]);
+    __m128i h = _mm_max_epu16(_mm256_castsi256_si128(v[0]), _mm256_extracti128_si256(v[0], 1));
+    h = _mm_minpos_epu16(_mm_xor_si128(h, _mm_set1_epi16(-1)));
+    return ~(uint32_t)_mm_cvtsi128_si32(h) & 0xFFFFu;
+}
+
+static inline uint32_t absmax128_f32(const float *x) {
+    const __m256i m = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i v[16];
+    for (int k = 0; k < 16; ++k)
+        v[k] = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + 8 * k)), m);
+    for (int w = 8; w >= 1; w /= 2)
+        for (int k = 0; k < w; ++k) v[k] = _mm256_max_epu32(v[k], v[k + w]);
+    __m128i h = _mm_max_epu32(_mm256_castsi256_si128(v[0]), _mm256_extracti128_si256(v[0], 1));
+    h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0xB1));
+    return (uint32_t)_mm_cvtsi128_si32(h);
+}
+#endif
+
 /* q[c] = e4m3(x[c] / s). */
 static inline void quant_run_f32(const float *restrict x, float s, uint8_t *restrict q, int64_t n) {
     for (int64_t c = 0; c < n; ++c) q[c] = f32_to_e4m3(x[c] / s);
@@ -254,27 +284,94 @@ static inline __m256 load_bf16_8(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-/* q[c] = e4m3(x[c] / s), 32 values per step (true division), scalar tail. */
-static void quant_run_bf16_avx2(const uint16_t *restrict x, float s, uint8_t *restrict q, int64_t n) {
-    const __m256 sv = _mm256_set1_ps(s);
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32)
-        store_codes32(q + i, e4m3_8(_mm256_div_ps(load_bf16_8(x + i), sv)),
-                      e4m3_8(_mm256_div_ps(load_bf16_8(x + i + 8), sv)),
-                      e4m3_8(_mm256_div_ps(load_bf16_8(x + i + 16), sv)),
-                      e4m3_8(_mm256_div_ps(load_bf16_8(x + i + 24), sv)));
-    for (; i < n; ++i) q[i] = f32_to_e4m3(bf16_to_f32(x[i]) / s);
+static inline __m256 load_f16_8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));  /* exact, subnormals too */
 }
 
-static void quant_run_f32_avx2(const float *restrict x, float s, uint8_t *restrict q, int64_t n) {
+/* 8 input values of dtype dt at x[i], as fp32 (exact). */
+static inline __m256 load8(const void *x, int dt, int64_t i) {
+    if (dt == DT_F32) return _mm256_loadu_ps((const float *)x + i);
+    if (dt == DT_BF16) return load_bf16_8((const uint16_t *)x + i);
+    return load_f16_8((const uint16_t *)x + i);
+}
+
+/* One input value of dtype dt at x[i], as fp32 (exact). */
+static inline float load1(const void *x, int dt, int64_t i) {
+    if (dt == DT_F32) return ((const float *)x)[i];
+    if (dt == DT_BF16) return bf16_to_f32(((const uint16_t *)x)[i]);
+    return f16_to_f32(((const uint16_t *)x)[i]);
+}
+
+/* e4m3_8 for lanes known to hold finite values y with |y| <= 464, whose E4M3 rounding is
+ * at most 448: no saturation, no NaN, and E = floor(log2 |y|) <= 8 needs no upper clamp.
+ * 12 vector operations against e4m3_8's 17: the quantizers' common case (quant_run_avx2). */
+static inline __m256i e4m3_8_inrange(__m256 y) {
+    const __m256i u = _mm256_castps_si256(y);
+    const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i e = _mm256_max_epu32(_mm256_and_si256(a, _mm256_set1_epi32((int)F32_INF_BITS)),
+                                       _mm256_set1_epi32((int)E4M3_MIN_NORMAL_BITS));
+    const __m256i c = _mm256_add_epi32(e, _mm256_set1_epi32(20 << 23));
+    const __m256i sum = _mm256_castps_si256(
+        _mm256_add_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(c)));
+    const __m256i code = _mm256_add_epi32(_mm256_sub_epi32(sum, c),
+                                          _mm256_sub_epi32(_mm256_srli_epi32(c, 20), _mm256_set1_epi32(1128)));
+    return _mm256_or_si256(code, _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80)));
+}
+
+/* q[c] = e4m3(x[c] / s), the code of the correctly rounded fp32 quotient fl(x / s), for
+ * c < n, 32 values per step.  Precondition (the quantizers'): |x[c]| <= A where
+ * s = fl(A / 448) (A = max(amax, amax_floor)), or s a power of two >= that (ue8m0); NaN or
+ * Inf inputs give meaningless codes (the callers discard them).
+ *
+ * For a normal s (>= 2^-126), s = (A / 448)(1 + d) with |d| <= 2^-24, so every quotient
+ * obeys |x / s| < 448 (1 + 2^-23), fl(x / s) < 449 < 464 and the lean cast
+ * e4m3_8_inrange applies; a subnormal or zero s (a tiny or zero amax_floor) takes the full
+ * cast, which saturates and makes 0 / 0 a NaN code as the reference does.
+ *
+ * When s is a power of two in [2^-126, 2^126), r = 1 / s is an fp32 number exactly, so
+ * x * r and x / s are the same real number and fl(x * r) = fl(x / s) bit for bit,
+ * subnormal results included: those runs (every ue8m0 scale) multiply instead of
+ * dividing.  Other scales divide: a reciprocal multiply y = fl(x * fl(1/s)) is within
+ * (3u + u^2)|x/s| + 2^-149 of fl(x / s) (u = 2^-24) and gives the same code unless an
+ * E4M3 rounding midpoint lies within 2^(E-21) of y; flagging those lanes and dividing
+ * them again is exact, but on this AVX2 machine the extra vector operations cost more
+ * than the divider, which works beside the cast's integer operations
+ * (docs/benchmarks.md, "Division, reciprocal and the cast"). */
+static inline __attribute__((always_inline)) void quant_run_avx2(const void *x, int dt, float s,
+                                                                 uint8_t *restrict q, int64_t n) {
+    const uint32_t sb = f2u(s);
     const __m256 sv = _mm256_set1_ps(s);
     int64_t i = 0;
+    if (sb >= 0x00800000u && sb < 0x7E800000u && (sb & 0x007FFFFFu) == 0) {
+        const __m256 rv = _mm256_set1_ps(1.0f / s);  /* exact: s is a power of two */
+        for (; i + 32 <= n; i += 32)
+            store_codes32(q + i, e4m3_8_inrange(_mm256_mul_ps(load8(x, dt, i), rv)),
+                          e4m3_8_inrange(_mm256_mul_ps(load8(x, dt, i + 8), rv)),
+                          e4m3_8_inrange(_mm256_mul_ps(load8(x, dt, i + 16), rv)),
+                          e4m3_8_inrange(_mm256_mul_ps(load8(x, dt, i + 24), rv)));
+    } else if (sb >= 0x00800000u && sb < F32_INF_BITS) {
+        for (; i + 32 <= n; i += 32)
+            store_codes32(q + i, e4m3_8_inrange(_mm256_div_ps(load8(x, dt, i), sv)),
+                          e4m3_8_inrange(_mm256_div_ps(load8(x, dt, i + 8), sv)),
+                          e4m3_8_inrange(_mm256_div_ps(load8(x, dt, i + 16), sv)),
+                          e4m3_8_inrange(_mm256_div_ps(load8(x, dt, i + 24), sv)));
+    }
     for (; i + 32 <= n; i += 32)
-        store_codes32(q + i, e4m3_8(_mm256_div_ps(_mm256_loadu_ps(x + i), sv)),
-                      e4m3_8(_mm256_div_ps(_mm256_loadu_ps(x + i + 8), sv)),
-                      e4m3_8(_mm256_div_ps(_mm256_loadu_ps(x + i + 16), sv)),
-                      e4m3_8(_mm256_div_ps(_mm256_loadu_ps(x + i + 24), sv)));
-    for (; i < n; ++i) q[i] = f32_to_e4m3(x[i] / s);
+        store_codes32(q + i, e4m3_8(_mm256_div_ps(load8(x, dt, i), sv)),
+                      e4m3_8(_mm256_div_ps(load8(x, dt, i + 8), sv)),
+                      e4m3_8(_mm256_div_ps(load8(x, dt, i + 16), sv)),
+                      e4m3_8(_mm256_div_ps(load8(x, dt, i + 24), sv)));
+    for (; i < n; ++i) q[i] = f32_to_e4m3(load1(x, dt, i) / s);
+}
+
+static void quant_run_f32_avx2(const float *x, float s, uint8_t *q, int64_t n) {
+    quant_run_avx2(x, DT_F32, s, q, n);
+}
+static void quant_run_bf16_avx2(const uint16_t *x, float s, uint8_t *q, int64_t n) {
+    quant_run_avx2(x, DT_BF16, s, q, n);
+}
+static void quant_run_f16_avx2(const uint16_t *x, float s, uint8_t *q, int64_t n) {
+    quant_run_avx2(x, DT_F16, s, q, n);
 }
 #endif
 
@@ -283,6 +380,8 @@ static void quant_run(const void *x, int dt, float s, uint8_t *q, int64_t n) {
 #ifdef FF8_HAVE_F16C
     if (dt == DT_BF16) { quant_run_bf16_avx2((const uint16_t *)x, s, q, n); return; }
     if (dt == DT_F32) { quant_run_f32_avx2((const float *)x, s, q, n); return; }
+    quant_run_f16_avx2((const uint16_t *)x, s, q, n);
+    return;
 #endif
     if (n == 128 && dt == DT_BF16) { quant_run_bf16((const uint16_t *)x, s, q, 128); return; }
     if (n == 128 && dt == DT_F32) { quant_run_f32((const float *)x, s, q, 128); return; }
@@ -318,7 +417,11 @@ static inline int64_t esize(int dt) { return dt == DT_F32 ? 4 : 2; }
 /* q[i] = e4m3(x[i]): the saturating round-to-nearest-even cast alone, for i < n. */
 void ff8_cast_e4m3(const float *restrict x, uint8_t *restrict q, int64_t n) {
 #ifdef FF8_HAVE_F16C
-    quant_run_f32_avx2(x, 1.0f, q, n);  /* x / 1 is x: the same code path as the quantizers */
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        store_codes32(q + i, e4m3_8(_mm256_loadu_ps(x + i)), e4m3_8(_mm256_loadu_ps(x + i + 8)),
+                      e4m3_8(_mm256_loadu_ps(x + i + 16)), e4m3_8(_mm256_loadu_ps(x + i + 24)));
+    for (; i < n; ++i) q[i] = f32_to_e4m3(x[i]);
 #else
     for (int64_t i = 0; i < n; ++i) q[i] = f32_to_e4m3(x[i]);
 #endif
@@ -386,7 +489,11 @@ int64_t ff8_quant_group(const void *x, int dt, int64_t T, int64_t K, int64_t g,
             const int64_t cs = j * g, n = imin(g, K - cs);
             const char *p = xb + (t * K + cs) * es;
             uint32_t m;
+#ifdef FF8_HAVE_F16C
+            if (n == 128) m = dt == DT_F32 ? absmax128_f32((const float *)p) : absmax128_u16((const uint16_t *)p);
+#else
             if (n == 128) m = dt == DT_F32 ? absmax_f32((const float *)p, 128) : absmax_u16((const uint16_t *)p, 128);
+#endif
             else m = dt == DT_F32 ? absmax_f32((const float *)p, n) : absmax_u16((const uint16_t *)p, n);
             float s = scale_of(amax_value(m, dt, &bad), amax_floor, ue8m0);
             scale[t * gk + j] = s;
