@@ -1,0 +1,275 @@
+"""``evaluate``: run every variant on the same tokens and collect the numbers of the report.
+
+Steps (each shown on the progress bar):
+
+1. Load the model (``default.load_model``) and the text (``text.default_text`` or a file);
+   tokenize it; the first ``tokens`` ids in windows of ``window`` are the evaluation set.
+2. GPTQ only: the Hessians of every converted layer's input from ``calib_tokens`` ids taken
+   from the end of the text (disjoint from the evaluation tokens).
+3. Build each variant (``variants.build_variant``), timing the quantization.
+4. Per-layer error, on the reference's own inputs to each layer (the first ``layer_tokens``
+   evaluation tokens): weight error ``W`` vs ``Q*s``, activation error ``x`` vs
+   ``dequant(quant(x))`` and output error ``x W^T`` vs the FP8 layer's output on ``x``.
+5. For each window: the reference's logits, then each variant's; mean KL, top-1 agreement and
+   perplexity (``metrics.TokenStats``), each variant's forward time summed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import __version__
+from ..nn import fp8_modules, resident_bytes
+from .default import load_model
+from .metrics import ErrorSums, TokenStats
+from .options import DEFAULT_CALIB_TOKENS, DEFAULT_LAYER_TOKENS, DEFAULT_TOKENS, DEFAULT_WINDOW
+from .text import calibration_windows, default_text, eval_windows, read_text_file, tokenize
+from .variants import (
+    DEFAULT_VARIANTS,
+    VARIANTS,
+    build_variant,
+    checkpoint_bytes,
+    collect_hessians,
+    convertible_linears,
+    linear_weight_bytes,
+)
+
+__all__ = ["EvalOptions", "evaluate", "DEFAULT_TOKENS", "DEFAULT_WINDOW", "DEFAULT_CALIB_TOKENS",
+           "DEFAULT_LAYER_TOKENS"]
+
+
+
+@dataclass
+class EvalOptions:
+    """What ``evaluate`` runs.
+
+    Attributes:
+        model: ``None`` for the embedded SmolLM2, else a HF folder or FP8 checkpoint folder.
+        text: ``None`` for Python's documentation, else a UTF-8 text file.
+        tokens: evaluation tokens (the first ``tokens`` of the text).
+        window: tokens per window; each window is scored independently.
+        variants: keys of ``variants.VARIANTS`` to compare (``"reference"`` is always run).
+        calib_tokens: calibration tokens for GPTQ, from the end of the text.
+        layer_tokens: tokens whose per-layer errors are measured.
+        threads: torch CPU threads (``None``: leave torch's setting).
+    """
+
+    model: str | None = None
+    text: str | None = None
+    tokens: int = DEFAULT_TOKENS
+    window: int = DEFAULT_WINDOW
+    variants: Sequence[str] = DEFAULT_VARIANTS
+    calib_tokens: int = DEFAULT_CALIB_TOKENS
+    layer_tokens: int = DEFAULT_LAYER_TOKENS
+    threads: int | None = None
+    progress: object = field(default=None, repr=False)
+
+
+class _Steps:
+    """A thin wrapper over an optional ``rich.progress.Progress``: one task per step."""
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+        self.task = None
+
+    def start(self, description: str, total: float | None) -> None:
+        if self.progress is None:
+            return
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.progress.tasks[-1].total or 1)
+        self.task = self.progress.add_task(description, total=total)
+
+    def advance(self, n: float = 1) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task, n)
+
+    def finish(self) -> None:
+        if self.progress is not None and self.task is not None:
+            task = self.progress.tasks[-1]
+            self.progress.update(self.task, completed=task.total or task.completed)
+
+
+def _check_variants(keys: Sequence[str]) -> list[str]:
+    unknown = [k for k in keys if k not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    return ["reference"] + [k for k in dict.fromkeys(keys) if k != "reference"]
+
+
+def _capture_inputs(model: torch.nn.Module, names: list[str], ids: torch.Tensor) -> dict:
+    """Each named layer's input when the model runs on ``ids [L]``: ``{name: [L, K]}`` fp32."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda _m, args, n=n: captured.__setitem__(n, args[0].detach().reshape(
+            -1, args[0].shape[-1]).float().clone())) for n in names]
+    try:
+        with torch.no_grad():
+            model(ids.unsqueeze(0))
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _layer_errors(reference: torch.nn.Module, variant_model: torch.nn.Module,
+                  inputs: dict[str, torch.Tensor], quantizes_acts: bool) -> list[dict]:
+    """Weight, activation and output error of every FP8 layer of ``variant_model``."""
+    rows = []
+    fp8 = fp8_modules(variant_model)
+    with torch.no_grad():
+        for name, layer in fp8.items():
+            ref = reference.get_submodule(name)
+            w = ref.weight.detach().float()
+            x = inputs[name]
+            ws, acts, outs = ErrorSums(), ErrorSums(), ErrorSums()
+            ws.add(w, layer.dequantize_weight(torch.float32))
+            if quantizes_acts:
+                acts.add(x, layer.fake_quantize_input(x))
+            y_ref = torch.nn.functional.linear(x, w, None)
+            outs.add(y_ref, layer(x.to(ref.weight.dtype)).float()
+                     - (0 if layer.bias is None else layer.bias.float()))
+            rows.append({
+                "name": name,
+                "shape": [layer.out_features, layer.in_features],
+                "weight_snr_db": ws.snr_db if layer.config.mode != "act_only" else None,
+                "weight_rel_error": ws.relative_error if layer.config.mode != "act_only" else None,
+                "act_snr_db": acts.snr_db if quantizes_acts else None,
+                "act_rel_error": acts.relative_error if quantizes_acts else None,
+                "out_snr_db": outs.snr_db,
+                "out_rel_error": outs.relative_error,
+            })
+    return rows
+
+
+def _finite(v):
+    """JSON-safe float: ``None`` for NaN or infinities."""
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+
+def evaluate(options: EvalOptions) -> dict:
+    """Run the evaluation described by ``options``; returns the JSON-ready summary.
+
+    The summary's fields are documented in ``docs/eval.md``; ``kl_values`` (every position's
+    KL, per variant) is returned under the private key ``"_kl_values"`` for the plots.
+    """
+    t_start = time.perf_counter()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    keys = _check_variants(options.variants)
+    steps = _Steps(options.progress)
+
+    steps.start("loading model", None)
+    t0 = time.perf_counter()
+    loaded = load_model(options.model)
+    load_s = time.perf_counter() - t0
+    reference = loaded.model
+    source = default_text() if options.text is None else read_text_file(options.text)
+    ids = tokenize(loaded.tokenizer, source.text)
+    windows = eval_windows(ids, options.tokens, options.window)
+    names = convertible_linears(reference)
+    if not names:
+        raise ValueError(f"{loaded.name}: the model has no nn.Linear layer that FP8 converts")
+
+    hessians = None
+    calib_info = None
+    if any(VARIANTS[k].calibration == "gptq" for k in keys):
+        calib = calibration_windows(ids, options.tokens, options.calib_tokens, options.window)
+        steps.start("calibration (GPTQ Hessians)", len(calib))
+        t0 = time.perf_counter()
+        hessians = collect_hessians(reference, names, calib, steps.advance)
+        calib_info = {"tokens": int(sum(c.numel() for c in calib)),
+                      "first_token": int(ids.numel() - options.calib_tokens),
+                      "last_token": int(ids.numel() - 1),
+                      "seconds": time.perf_counter() - t0,
+                      "note": "taken from the end of the text, disjoint from the evaluation tokens"}
+
+    steps.start("quantizing variants", len(keys))
+    models: dict[str, torch.nn.Module] = {}
+    quant_s: dict[str, float] = {}
+    search_cache: dict = {}
+    for k in keys:
+        t0 = time.perf_counter()
+        models[k] = build_variant(reference, VARIANTS[k], hessians, search_cache)
+        quant_s[k] = time.perf_counter() - t0
+        steps.advance()
+    search_cache.clear()
+
+    steps.start("per-layer error", len(keys) - 1)
+    sample = ids[: min(options.layer_tokens, options.tokens, options.window)]
+    inputs = _capture_inputs(reference, names, sample)
+    layers = {}
+    for k in keys[1:]:
+        cfg = VARIANTS[k].config
+        layers[k] = _layer_errors(reference, models[k], inputs, cfg.mode != "weight_only")
+        steps.advance()
+    del inputs
+
+    steps.start(f"scoring {options.tokens} tokens x {len(keys)} variants",
+                len(windows) * len(keys))
+    stats = {k: TokenStats() for k in keys}
+    fwd_s = dict.fromkeys(keys, 0.0)
+    with torch.no_grad():
+        for w in windows:
+            batch, targets = w.unsqueeze(0), w[1:]
+            t0 = time.perf_counter()
+            ref_logits = reference(batch).logits[0, :-1].float()
+            fwd_s["reference"] += time.perf_counter() - t0
+            ref_lp = torch.log_softmax(ref_logits, -1)
+            stats["reference"].add(ref_logits, ref_logits, targets, ref_lp)
+            steps.advance()
+            for k in keys[1:]:
+                t0 = time.perf_counter()
+                logits = models[k](batch).logits[0, :-1].float()
+                fwd_s[k] += time.perf_counter() - t0
+                stats[k].add(ref_logits, logits, targets, ref_lp)
+                steps.advance()
+    steps.finish()
+
+    ref_ppl = stats["reference"].ppl
+    results = []
+    for k in keys:
+        v, s, m = VARIANTS[k], stats[k], models[k]
+        results.append({
+            "key": k,
+            "label": v.label,
+            "description": v.description,
+            "config": None if v.config is None else v.config.describe(),
+            "calibration": v.calibration,
+            "kl": s.mean_kl,
+            "top1": s.top1,
+            "ppl": s.ppl,
+            "ppl_rel_change": s.ppl / ref_ppl - 1.0,
+            "resident_bytes": resident_bytes(m),
+            "resident_weight_bytes": linear_weight_bytes(m),
+            "checkpoint_bytes": checkpoint_bytes(m),
+            "wall_time_s": fwd_s[k],
+            "quantize_time_s": quant_s[k],
+            "layers": [{f: _finite(x) for f, x in row.items()} for row in layers.get(k, [])],
+        })
+    summary = {
+        "finefp8_version": __version__,
+        "model": {"name": loaded.name, "source": loaded.source, "dtype": loaded.dtype,
+                  "parameters": sum(p.numel() for p in reference.parameters()),
+                  "fp8_layers": len(names), "load_time_s": load_s},
+        "text": {"name": source.name, "python_version": source.python_version,
+                 "sha256": source.sha256, "chars": source.chars, "tokens_total": int(ids.numel())},
+        "tokens": options.tokens,
+        "window": options.window,
+        "windows": len(windows),
+        "scored_tokens": stats["reference"].count,
+        "layer_tokens": int(sample.numel()),
+        "calibration": calib_info,
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+        "variants": results,
+        "wall_time_s": time.perf_counter() - t_start,
+        "_kl_values": {k: stats[k].all_kl() for k in keys},
+    }
+    return summary
