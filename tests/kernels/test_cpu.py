@@ -516,3 +516,26 @@ def test_disable_environment_variable(monkeypatch):
 def test_cpu_backend_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="needs CPU tensors"):
         ops.select_backend("quantize_blockwise", torch.device("cuda"), "cpu")
+
+
+@needs_kernels
+def test_quantize_into_preallocated_outputs():
+    """``out=`` writes the same codes and scales as a fresh call, on the fast and fallback paths."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(300, 520, generator=g).to(torch.bfloat16)
+    q_ref, s_ref = cpu.quantize_blockwise(w)
+    out = (torch.empty(300, 520, dtype=torch.uint8), torch.empty(3, 5))
+    q, s = cpu.quantize_blockwise(w, out=out)
+    assert q.data_ptr() == out[0].data_ptr() and torch.equal(out[1], s_ref)
+    assert torch.equal(out[0], q_ref.view(torch.uint8))
+    # float64 input takes the reference path: the result still lands in ``out``.
+    out64 = (torch.empty(300, 520, dtype=torch.uint8), torch.empty(3, 5))
+    cpu.quantize_blockwise(w.double(), out=out64)
+    assert torch.equal(out64[0], q_ref.view(torch.uint8)) and torch.equal(out64[1], s_ref)
+    x = torch.randn(4, 7, 200, generator=g)
+    xq_ref, xs_ref = cpu.quantize_groupwise(x)
+    xout = (torch.empty(4, 7, 200, dtype=torch.uint8), torch.empty(4, 7, 2))
+    cpu.quantize_groupwise(x, out=xout)
+    assert torch.equal(xout[0], xq_ref.view(torch.uint8)) and torch.equal(xout[1], xs_ref)
+    with pytest.raises(ValueError, match="out must be"):
+        cpu.quantize_blockwise(w, out=(torch.empty(300, 52, dtype=torch.uint8), torch.empty(3, 5)))

@@ -250,6 +250,39 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def _outputs(out: tuple[torch.Tensor, torch.Tensor] | None, q_shape: tuple[int, ...],
+             s_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes uint8 q_shape, scales float32 s_shape)``: the caller's ``out`` or new tensors.
+
+    A caller that quantizes many tensors of one shape (a streaming converter, a benchmark)
+    can pass the same ``out`` each time and skip the page faults of fresh memory.
+    """
+    if out is None:
+        return _empty(q_shape, torch.uint8), torch.empty(s_shape, dtype=torch.float32)
+    q, scale = out
+    if (q.dtype not in (torch.uint8, torch.float8_e4m3fn) or tuple(q.shape) != q_shape
+            or not q.is_contiguous() or scale.dtype != torch.float32
+            or tuple(scale.shape) != s_shape or not scale.is_contiguous()):
+        raise ValueError(f"out must be (contiguous uint8/float8_e4m3fn {q_shape}, contiguous "
+                         f"float32 {s_shape}), got ({q.dtype} {tuple(q.shape)}, "
+                         f"{scale.dtype} {tuple(scale.shape)})")
+    return q.view(torch.uint8), scale
+
+
+def _into(out: tuple[torch.Tensor, torch.Tensor] | None,
+          compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], tuple]:
+    """``compute`` (the reference path), its result also copied into ``out`` when given."""
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        q, scale = compute()
+        if out is None:
+            return q, scale
+        q_out, s_out = _outputs(out, tuple(q.shape), tuple(scale.shape))
+        q_out.copy_(q.view(torch.uint8))
+        s_out.copy_(scale)
+        return q_out.view(q.dtype), s_out
+    return run
+
+
 # ----------------------------------------------------------------------------- quantization
 
 
@@ -280,15 +313,18 @@ def quantize_blockwise(
     amax_floor: float = AMAX_FLOOR,
     allow_nonfinite: bool = False,
     name: str | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``finefp8.quantization.quantize_blockwise``, fused: one pass per block strip.
 
     ``w`` ``[M, N]`` float32/bfloat16/float16 -> ``(q [M, N] float8_e4m3fn,
     scale_inv [ceil(M/bm), ceil(N/bn)] float32)``, identical to the reference's.
+    ``out``: optional preallocated ``(q, scale_inv)`` to write into (see ``_outputs``).
     """
     lib = _library()
-    ref = functools.partial(_q.quantize_blockwise, w, block_size, scale_fmt, fmt=fmt,
-                            amax_floor=amax_floor, allow_nonfinite=allow_nonfinite, name=name)
+    ref = _into(out, functools.partial(_q.quantize_blockwise, w, block_size, scale_fmt, fmt=fmt,
+                                       amax_floor=amax_floor, allow_nonfinite=allow_nonfinite,
+                                       name=name))
     if (lib is None or not _fast_float(w) or w.dim() != 2 or not _is_e4m3(fmt)
             or scale_fmt not in SCALE_FMTS or len(tuple(block_size)) != 2
             or not all(_positive_int(b) for b in block_size)):
@@ -296,8 +332,7 @@ def quantize_blockwise(
     x = w.detach().contiguous()
     (m, n), (bm, bn) = x.shape, tuple(block_size)
     gm, gn = math.ceil(m / bm), math.ceil(n / bn)
-    q = _empty((m, n), torch.uint8)
-    scale = torch.empty((gm, gn), dtype=torch.float32)
+    q, scale = _outputs(out, (m, n), (gm, gn))
     dt, ue8m0 = _DTYPE_CODES[x.dtype], int(scale_fmt == "ue8m0")
 
     def part(b0: int, b1: int) -> int:
@@ -318,14 +353,17 @@ def quantize_groupwise(
     amax_floor: float = AMAX_FLOOR,
     allow_nonfinite: bool = False,
     name: str | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``finefp8.quantization.quantize_groupwise``, fused: amax, scale and codes per group.
 
     ``x`` ``[..., K]`` -> ``(q [..., K] float8_e4m3fn, scale [..., ceil(K/g)] float32)``.
+    ``out``: optional preallocated ``(q, scale)`` to write into (see ``_outputs``).
     """
     lib = _library()
-    ref = functools.partial(_q.quantize_groupwise, x, group_size, scale_fmt, fmt=fmt,
-                            amax_floor=amax_floor, allow_nonfinite=allow_nonfinite, name=name)
+    ref = _into(out, functools.partial(_q.quantize_groupwise, x, group_size, scale_fmt, fmt=fmt,
+                                       amax_floor=amax_floor, allow_nonfinite=allow_nonfinite,
+                                       name=name))
     if (lib is None or not _fast_float(x) or x.dim() < 1 or not _is_e4m3(fmt)
             or scale_fmt not in SCALE_FMTS or not _positive_int(group_size)):
         return ref()
@@ -333,8 +371,7 @@ def quantize_groupwise(
     t = x.numel() // k
     src = x.detach().contiguous()
     gk = math.ceil(k / group_size)
-    q = _empty(tuple(x.shape), torch.uint8)
-    scale = torch.empty((*x.shape[:-1], gk), dtype=torch.float32)
+    q, scale = _outputs(out, tuple(x.shape), (*x.shape[:-1], gk))
     dt, ue8m0 = _DTYPE_CODES[x.dtype], int(scale_fmt == "ue8m0")
 
     def part(t0: int, t1: int) -> int:
