@@ -33,6 +33,7 @@ from torch import nn
 
 from .. import calibration
 from ..nn import FP8Config, fp8_modules, quantize_model
+from ..nn.linear import unique_tensor_bytes
 from .options import DEFAULT_VARIANT_KEYS, VARIANT_KEYS
 
 __all__ = ["Variant", "VARIANTS", "DEFAULT_VARIANTS", "build_variant", "collect_hessians",
@@ -215,15 +216,4 @@ def checkpoint_bytes(model: nn.Module) -> int:
     parameter and persistent buffer in its own dtype. An ``act_only`` layer stores its float
     weight (nothing is quantized on disk). Headers and metadata are not counted.
     """
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    state = model.state_dict(keep_vars=True)
-    for t in state.values():
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
+    return unique_tensor_bytes(model.state_dict(keep_vars=True).values())

@@ -21,7 +21,7 @@ No float copy of the weight is kept. The forward pass (``FP8Config.mode``):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -282,16 +282,12 @@ class FP8Linear(nn.Module):
                 f"bias={self.bias is not None}, {self.config.describe()}")
 
 
-def resident_bytes(module: nn.Module) -> int:
-    """Bytes of every parameter and buffer of ``module``, each storage counted once (tied weights).
-
-    Meta tensors count zero. For an ``FP8Linear`` this is 1 byte a weight element plus 4 bytes a
-    scale plus the bias.
-    """
+def unique_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``tensors``, each distinct storage region counted once; meta tensors count zero."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.device.type == "meta":
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         if key in seen:
@@ -299,3 +295,12 @@ def resident_bytes(module: nn.Module) -> int:
         seen.add(key)
         total += t.numel() * t.element_size()
     return total
+
+
+def resident_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``module``, each storage counted once (tied weights).
+
+    Meta tensors count zero. For an ``FP8Linear`` this is 1 byte a weight element plus 4 bytes a
+    scale plus the bias.
+    """
+    return unique_tensor_bytes(list(module.parameters()) + list(module.buffers()))
