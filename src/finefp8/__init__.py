@@ -21,7 +21,7 @@ from .ops import (
 __version__ = "0.1.0"
 
 #: Inference names, imported from ``finefp8.nn`` on first use (keeps ``import finefp8`` light).
-_NN_EXPORTS = ("FP8Config", "FP8Linear", "quantize_model", "load")
+_NN_EXPORTS = ("FP8Config", "FP8Linear", "quantize_model", "load", "save_fp8")
 
 
 def __getattr__(name: str):

@@ -122,3 +122,44 @@ def test_eval_default_smollm2(tmp_path, capsys):
     assert by_key["w8a8_gptq"]["kl"] < by_key["w8a8"]["kl"]
     for name in REPORT_FILES:
         assert (out / name).is_file()
+
+
+def test_eval_save_variant_writes_gptq_checkpoint(tiny_model_dir, tiny_text_file, tmp_path,
+                                                  capsys):
+    """``--save-variant w8a8_gptq DIR``: an fp8 checkpoint with DeepSeek's amax/448 block
+    scales and the GPTQ-chosen codes, which ``finefp8.load`` and ``inspect`` read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import finefp8
+    from finefp8.nn import fp8_modules
+    from finefp8.quantization import quantize_blockwise
+
+    assert main(["eval", str(tiny_model_dir), "--save-variant", "per_tensor",
+                 str(tmp_path / "pt"), "--no-report", "--quiet"]) == 1
+    assert "not an FP8 variant with 128x128 weight blocks" in capsys.readouterr().err
+    dest = tmp_path / "gptq"
+    rc = main(["eval", str(tiny_model_dir), "--text", str(tiny_text_file), "--tokens", "200",
+               "--window", "100", "--calib-tokens", "200", "--layer-tokens", "32",
+               "--variants", "w8a8", "--save-variant", "w8a8_gptq", str(dest), "--no-report",
+               "--json", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["saved_variant"] == {"key": "w8a8_gptq", "path": str(dest)}
+    assert [v["key"] for v in summary["variants"]] == ["reference", "w8a8", "w8a8_gptq"]
+    assert (dest / "tokenizer.json").is_file()
+    assert main(["inspect", str(dest), "--json"]) in (0, 3)  # 3: odd shapes refused by TP rules
+    assert json.loads(capsys.readouterr().out)["sound"]
+
+    saved = finefp8.load(dest)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = 0
+    for name, layer in fp8_modules(saved).items():
+        q, s = quantize_blockwise(reference.get_submodule(name).weight.detach())
+        assert torch.equal(layer.weight_scale_inv, s), name  # the same on-disk scales
+        changed += int((layer.weight.view(torch.uint8) != q.view(torch.uint8)).sum())
+    assert changed > 0  # GPTQ rounded some codes differently from nearest
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.isfinite(saved(ids).logits).all()

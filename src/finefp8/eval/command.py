@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-report", action="store_true", help="write no report folder")
     p.add_argument("--json", action="store_true",
                    help="print the JSON summary on stdout (the table then goes to stderr)")
+    p.add_argument("--save-variant", nargs=2, metavar=("NAME", "DIR"), default=None,
+                   help="after the run, write variant NAME (e.g. w8a8_gptq; a 128x128-block W8A8 "
+                        "or weight-only variant, added to --variants if missing) as an fp8 "
+                        "checkpoint in the new folder DIR")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -73,7 +77,8 @@ def run_command(args: argparse.Namespace) -> int:
     options = EvalOptions(model=args.model, text=args.text, tokens=args.tokens,
                           window=args.window, variants=args.variants,
                           calib_tokens=args.calib_tokens, layer_tokens=args.layer_tokens,
-                          threads=args.threads)
+                          threads=args.threads,
+                          save_variant=tuple(args.save_variant) if args.save_variant else None)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=err, disable=args.quiet)
     try:
@@ -88,6 +93,10 @@ def run_command(args: argparse.Namespace) -> int:
         folder = write_report(summary, args.report)
         err.print(f"report written to {folder.resolve()}/ (report.html, report.md, summary.json, "
                   f"PNG plots)")
+    if summary.get("saved_variant"):
+        saved = summary["saved_variant"]
+        err.print(f"variant {saved['key']} written to {saved['path']} (fp8 checkpoint: "
+                  f"finefp8.load, finefp8 generate, finefp8 inspect)")
     if args.json:
         sys.stdout.write(to_json(summary) + "\n")
         sys.stdout.flush()

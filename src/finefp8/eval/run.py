@@ -12,6 +12,8 @@ Steps (each shown on the progress bar):
    ``dequant(quant(x))`` and output error ``x W^T`` vs the FP8 layer's output on ``x``.
 5. For each window: the reference's logits, then each variant's; mean KL, top-1 agreement and
    perplexity (``metrics.TokenStats``), each variant's forward time summed.
+6. With ``save_variant``: that variant's model is written with ``finefp8.nn.save_fp8`` (the
+   ``"fp8"`` checkpoint layout, with the tokenizer).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import __version__
-from ..nn import fp8_modules, resident_bytes
+from ..nn import fp8_modules, resident_bytes, save_fp8
+from ..nn.saving import check_destination
+from ..quantization import BLOCK_SIZE
 from .default import load_model
 from .metrics import ErrorSums, TokenStats
 from .options import DEFAULT_CALIB_TOKENS, DEFAULT_LAYER_TOKENS, DEFAULT_TOKENS, DEFAULT_WINDOW
@@ -41,8 +45,8 @@ from .variants import (
     linear_weight_bytes,
 )
 
-__all__ = ["EvalOptions", "evaluate", "DEFAULT_TOKENS", "DEFAULT_WINDOW", "DEFAULT_CALIB_TOKENS",
-           "DEFAULT_LAYER_TOKENS"]
+__all__ = ["EvalOptions", "evaluate", "check_save_variant", "DEFAULT_TOKENS", "DEFAULT_WINDOW",
+           "DEFAULT_CALIB_TOKENS", "DEFAULT_LAYER_TOKENS"]
 
 
 
@@ -59,6 +63,9 @@ class EvalOptions:
         calib_tokens: calibration tokens for GPTQ, from the end of the text.
         layer_tokens: tokens whose per-layer errors are measured.
         threads: torch CPU threads (``None``: leave torch's setting).
+        save_variant: ``(key, folder)``: write that variant (added to ``variants`` if missing)
+            as an ``"fp8"`` checkpoint after the run; only 128x128-block W8A8 / weight-only
+            variants can be saved.
     """
 
     model: str | None = None
@@ -69,6 +76,7 @@ class EvalOptions:
     calib_tokens: int = DEFAULT_CALIB_TOKENS
     layer_tokens: int = DEFAULT_LAYER_TOKENS
     threads: int | None = None
+    save_variant: tuple[str, str] | None = None
     progress: object = field(default=None, repr=False)
 
 
@@ -101,6 +109,23 @@ def _check_variants(keys: Sequence[str]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     return ["reference"] + [k for k in dict.fromkeys(keys) if k != "reference"]
+
+
+def check_save_variant(key: str, folder: str) -> None:
+    """Refuse (``ValueError``/``FileExistsError``) a variant the ``"fp8"`` layout cannot hold, or
+    a destination that is not new, before anything runs."""
+    def saveable(cfg) -> bool:
+        return (cfg is not None and cfg.mode in ("w8a8", "weight_only")
+                and cfg.weight_block == BLOCK_SIZE)
+
+    if key not in VARIANTS:
+        raise ValueError(f"--save-variant: unknown variant {key!r}; choose from {list(VARIANTS)}")
+    if not saveable(VARIANTS[key].config):
+        ok = [k for k, v in VARIANTS.items() if saveable(v.config)]
+        raise ValueError(f"--save-variant: {key!r} is not an FP8 variant with 128x128 weight "
+                         f"blocks, so the fp8 checkpoint layout cannot hold it; saveable: "
+                         f"{', '.join(ok)}")
+    check_destination(folder)
 
 
 def _capture_inputs(model: torch.nn.Module, names: list[str], ids: torch.Tensor) -> dict:
@@ -162,7 +187,11 @@ def evaluate(options: EvalOptions) -> dict:
     t_start = time.perf_counter()
     if options.threads:
         torch.set_num_threads(options.threads)
-    keys = _check_variants(options.variants)
+    variant_keys = list(options.variants)
+    if options.save_variant is not None:
+        check_save_variant(*options.save_variant)
+        variant_keys.append(options.save_variant[0])
+    keys = _check_variants(variant_keys)
     steps = _Steps(options.progress)
 
     steps.start("loading model", None)
@@ -230,6 +259,13 @@ def evaluate(options: EvalOptions) -> dict:
                 fwd_s[k] += time.perf_counter() - t0
                 stats[k].add(ref_logits, logits, targets, ref_lp)
                 steps.advance()
+    saved = None
+    if options.save_variant is not None:
+        key, folder = options.save_variant
+        steps.start(f"saving {key}", 1)
+        saved = {"key": key, "path": str(save_fp8(models[key], folder,
+                                                  tokenizer=loaded.tokenizer))}
+        steps.advance()
     steps.finish()
 
     ref_ppl = stats["reference"].ppl
@@ -269,6 +305,7 @@ def evaluate(options: EvalOptions) -> dict:
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
         "variants": results,
+        "saved_variant": saved,
         "wall_time_s": time.perf_counter() - t_start,
         "_kl_values": {k: stats[k].all_kl() for k in keys},
     }

@@ -5,6 +5,7 @@
 * ``quantize_model(model, ...)``: swap a model's ``nn.Linear`` layers for ``FP8Linear`` in place.
 * ``dequantize_model(model, dtype)``: the reverse, ``W = Q * s`` back in ``nn.Linear`` layers.
 * ``load(path, ...)``: a transformers model built from an FP8 checkpoint, FP8 weights kept in FP8.
+* ``save_fp8(model, path, ...)``: the reverse: write a model's FP8 layers as an ``"fp8"`` checkpoint.
 """
 
 from .config import ACT_GRANULARITIES, MODES, FP8Config
@@ -17,6 +18,7 @@ from .convert import (
 )
 from .linear import FP8Linear, WeightQuantizer, resident_bytes
 from .loading import checkpoint_fp8_config, load
+from .saving import save_fp8
 
 __all__ = [
     "FP8Config",
@@ -27,6 +29,7 @@ __all__ = [
     "quantize_model",
     "dequantize_model",
     "load",
+    "save_fp8",
     "checkpoint_fp8_config",
     "fp8_modules",
     "kept_linear_modules",
