@@ -49,5 +49,6 @@ __all__ = [
     "FP8Linear",
     "quantize_model",
     "load",
+    "save_fp8",
     "__version__",
 ]
