@@ -90,8 +90,7 @@ class _Steps:
     def start(self, description: str, total: float | None) -> None:
         if self.progress is None:
             return
-        if self.task is not None:
-            self.progress.update(self.task, completed=self.progress.tasks[-1].total or 1)
+        self.finish()
         self.task = self.progress.add_task(description, total=total)
 
     def advance(self, n: float = 1) -> None:
@@ -101,7 +100,8 @@ class _Steps:
     def finish(self) -> None:
         if self.progress is not None and self.task is not None:
             task = self.progress.tasks[-1]
-            self.progress.update(self.task, completed=task.total or task.completed)
+            done = task.total or max(task.completed, 1)  # an open-ended step ends as 1/1
+            self.progress.update(self.task, total=done, completed=done)
 
 
 def _check_variants(keys: Sequence[str]) -> list[str]:
