@@ -99,6 +99,14 @@ def _short(name: str) -> str:
     return name
 
 
+def _layer_axis(ax, summary: dict) -> None:
+    """Label the x axis with the FP8 layers' short names (at most about 30 ticks)."""
+    names = [_short(r["name"]) for r in _variants_with_layers(summary)[0]["layers"]]
+    step = max(1, len(names) // 30)
+    ax.set_xticks(range(0, len(names), step))
+    ax.set_xticklabels(names[::step], rotation=90, fontsize=7)
+
+
 def _plot_layer_error(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -106,10 +114,7 @@ def _plot_layer_error(summary: dict, path: Path) -> None:
     for v in _variants_with_layers(summary):
         ys = [r["out_snr_db"] if r["out_snr_db"] is not None else math.nan for r in v["layers"]]
         ax.plot(range(len(ys)), ys, label=v["label"], lw=1.0)
-    names = [_short(r["name"]) for r in _variants_with_layers(summary)[0]["layers"]]
-    step = max(1, len(names) // 30)
-    ax.set_xticks(range(0, len(names), step))
-    ax.set_xticklabels(names[::step], rotation=90, fontsize=7)
+    _layer_axis(ax, summary)
     ax.set_ylabel("layer output SNR (dB, higher is better)")
     ax.set_title("Per-layer output error of each FP8 variant (reference inputs)")
     ax.grid(alpha=0.3)
@@ -134,10 +139,7 @@ def _plot_sources(summary: dict, path: Path) -> None:
         if any(x is not None for x in a) and v["key"] in ("w8a8", "per_tensor", "ue8m0"):
             ax.plot([x if x is not None else math.nan for x in a], lw=1.0, ls="--",
                     label=f"{v['label']}: activation")
-    names = [_short(r["name"]) for r in _variants_with_layers(summary)[0]["layers"]]
-    step = max(1, len(names) // 30)
-    ax.set_xticks(range(0, len(names), step))
-    ax.set_xticklabels(names[::step], rotation=90, fontsize=7)
+    _layer_axis(ax, summary)
     ax.set_ylabel("SNR (dB)")
     ax.set_title("Where the error comes from: weight and activation quantization SNR per layer")
     ax.grid(alpha=0.3)
