@@ -112,33 +112,33 @@ def _print_conversion(name: str, res, quiet: bool) -> None:
           f"({rate:.0f} MB/s) -> {res.out_dir} ({res.out_bytes / 1e9:.2f} GB)", file=sys.stderr)
 
 
+def _run_conversion(command: str, args: argparse.Namespace, convert) -> int:
+    """Run a checkpoint conversion: its summary and exit 0, or its error on stderr and exit 1."""
+    try:
+        res = convert()
+    except _checkpoint_errors() as e:
+        print(f"finefp8 {command}: {e}", file=sys.stderr)
+        return 1
+    _print_conversion(command, res, args.quiet)
+    return 0
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize a Hugging Face checkpoint to FP8 128x128 blocks (streaming, resumable)."""
     from .checkpoint.convert import quantize_checkpoint
 
-    try:
-        res = quantize_checkpoint(args.src, args.dst, fmt=args.format, scale_fmt=args.scale_fmt,
-                                  ignore=args.ignore, workers=args.workers,
-                                  overwrite=args.overwrite, progress=not args.quiet)
-    except _checkpoint_errors() as e:
-        print(f"finefp8 quantize: {e}", file=sys.stderr)
-        return 1
-    _print_conversion("quantize", res, args.quiet)
-    return 0
+    return _run_conversion("quantize", args, lambda: quantize_checkpoint(
+        args.src, args.dst, fmt=args.format, scale_fmt=args.scale_fmt, ignore=args.ignore,
+        workers=args.workers, overwrite=args.overwrite, progress=not args.quiet))
 
 
 def _cmd_dequantize(args: argparse.Namespace) -> int:
     """Dequantize an FP8 block checkpoint (either layout) to bf16/fp16/fp32."""
     from .checkpoint.convert import dequantize_checkpoint
 
-    try:
-        res = dequantize_checkpoint(args.src, args.dst, dtype=args.dtype, workers=args.workers,
-                                    overwrite=args.overwrite, progress=not args.quiet)
-    except _checkpoint_errors() as e:
-        print(f"finefp8 dequantize: {e}", file=sys.stderr)
-        return 1
-    _print_conversion("dequantize", res, args.quiet)
-    return 0
+    return _run_conversion("dequantize", args, lambda: dequantize_checkpoint(
+        args.src, args.dst, dtype=args.dtype, workers=args.workers, overwrite=args.overwrite,
+        progress=not args.quiet))
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

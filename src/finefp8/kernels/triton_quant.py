@@ -52,6 +52,33 @@ _FP8_MAX = E4M3.max
 
 
 @triton.jit
+def _abs_for_amax(x, ALLOW_NONFINITE: tl.constexpr):
+    """|x| for the amax: non-finite values ignored (0) if allowed, else NaN counted as inf."""
+    ax = tl.abs(x)
+    if ALLOW_NONFINITE:
+        ax = tl.where(ax < float("inf"), ax, 0.0)
+    else:
+        ax = tl.where(ax == ax, ax, float("inf"))
+    return ax
+
+
+@triton.jit
+def _scale(amax, amax_floor, FP8_MAX: tl.constexpr, UE8M0: tl.constexpr):
+    """``s = max(amax, floor) / FP8_MAX`` (IEEE division); ue8m0: exponent rounded up."""
+    s = tl.div_rn(tl.maximum(amax, amax_floor), FP8_MAX)
+    if UE8M0:
+        s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+    return s
+
+
+@triton.jit
+def _saturated(x, s, FP8_MAX: tl.constexpr):
+    """``clamp(x / s, -FP8_MAX, FP8_MAX)`` (IEEE division), NaN kept, ready for the fp8 cast."""
+    y = tl.div_rn(x, s)
+    return tl.where(y == y, tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX), y)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, y_ptr, s_ptr, R, K, NG, amax_floor,
                       GROUP: tl.constexpr, BLOCK_R: tl.constexpr, FP8_MAX: tl.constexpr,
                       UE8M0: tl.constexpr, ALLOW_NONFINITE: tl.constexpr):
@@ -65,16 +92,9 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, R, K, NG, amax_floor,
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     offs = rows[:, None].to(tl.int64) * K + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    if ALLOW_NONFINITE:
-        ax = tl.where(ax < float("inf"), ax, 0.0)
-    else:
-        ax = tl.where(ax == ax, ax, float("inf"))
-    s = tl.div_rn(tl.maximum(tl.max(ax, axis=1), amax_floor), FP8_MAX)
-    if UE8M0:
-        s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    y = tl.div_rn(x, s[:, None])
-    y = tl.where(y == y, tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX), y)
+    ax = _abs_for_amax(x, ALLOW_NONFINITE)
+    s = _scale(tl.max(ax, axis=1), amax_floor, FP8_MAX, UE8M0)
+    y = _saturated(x, s[:, None], FP8_MAX)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows.to(tl.int64) * NG + g, s, mask=rows < R)
 
@@ -94,16 +114,9 @@ def _weight_quant_kernel(x_ptr, y_ptr, s_ptr, M, N, amax_floor,
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    if ALLOW_NONFINITE:
-        ax = tl.where(ax < float("inf"), ax, 0.0)
-    else:
-        ax = tl.where(ax == ax, ax, float("inf"))
-    s = tl.div_rn(tl.maximum(tl.max(tl.max(ax, axis=1), axis=0), amax_floor), FP8_MAX)
-    if UE8M0:
-        s = ((s.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    y = tl.div_rn(x, s)
-    y = tl.where(y == y, tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX), y)
+    ax = _abs_for_amax(x, ALLOW_NONFINITE)
+    s = _scale(tl.max(tl.max(ax, axis=1), axis=0), amax_floor, FP8_MAX, UE8M0)
+    y = _saturated(x, s, FP8_MAX)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + pid_m * tl.num_programs(1) + pid_n, s)
 
