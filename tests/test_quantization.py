@@ -32,7 +32,7 @@ def assert_within_bound(w: torch.Tensor, w_hat: torch.Tensor, s_full: torch.Tens
 
 
 def reference_block_quantize(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Element-by-element restatement of SPEC.md section 2 with the bit-exact encoder."""
+    """Element-by-element restatement of docs/numerics.md with the bit-exact encoder."""
     m, n = w.shape
     bm, bn = block
     gm, gn = math.ceil(m / bm), math.ceil(n / bn)

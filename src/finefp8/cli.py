@@ -22,7 +22,7 @@ def _pow2_label(v: float | None) -> str:
 
 
 def _cmd_formats(args: argparse.Namespace) -> int:
-    """Print the table of format constants (SPEC.md section 1)."""
+    """Print the table of format constants (docs/numerics.md)."""
     from rich.console import Console
     from rich.table import Table
 

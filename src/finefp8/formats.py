@@ -1,6 +1,6 @@
 """The 8-bit floating-point formats: constants, bit-exact encoding and decoding.
 
-Three formats are described here (SPEC.md section 1):
+Three formats are described here (docs/numerics.md):
 
 * ``E4M3`` (OCP ``float8_e4m3fn``): bias 7, largest finite 448, no infinity,
   NaN only at 0x7F / 0xFF. Used for every tensor in DeepSeek-V3's scheme.

@@ -2,7 +2,7 @@
 
 ``C = A @ B.T`` with A ``[M, K]`` fp8 and scales ``[M, ceil(K/128)]`` (1x128 groups), and B
 ``[N, K]`` fp8 and scales ``[ceil(N/128), ceil(K/128)]`` (128x128 blocks), as DeepSeek-V3
-and DeepGEMM compute it (SPEC.md section 2)::
+and DeepGEMM compute it (docs/numerics.md)::
 
     acc = 0                                           # fp32
     for each K interval k of `promote_every` elements (inside one scale block):
@@ -22,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["fp8_gemm", "limited_dot", "MMA_K"]
+__all__ = ["fp8_gemm", "grouped_fp8_gemm", "check_grouped_operands", "limited_dot", "MMA_K"]
 
 MMA_K = 32  # fp8 elements of K consumed by one Hopper WGMMA instruction
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -144,3 +144,76 @@ def fp8_gemm(
             part = limited_dot(af[:, k0:k1], bf[:, k0:k1], accum_bits, mma_k).float()
         acc += part * _interval_scale(sa, sb_rows, k0, k1, block_size)
     return acc.to(out_dtype)
+
+
+def check_grouped_operands(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+                           b_scale: torch.Tensor, offsets: torch.Tensor,
+                           block: int = 128) -> tuple[int, int, int, int]:
+    """Validate the operands of ``grouped_fp8_gemm``; return ``(M, N, K, E)``.
+
+    Expected: a ``[M, K]`` fp8, a_scale ``[M, ceil(K/block)]`` float, b ``[E, N, K]`` fp8 of
+    a's dtype, b_scale ``[E, ceil(N/block), ceil(K/block)]`` float, offsets ``[E+1]``
+    int32/int64 with ``offsets[0] == 0``, non-decreasing, ``offsets[E] == M``. Reading the
+    offsets' values costs one host synchronisation when they live on a GPU.
+    """
+    for name, t, dims in (("a", a, 2), ("b", b, 3)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FP8:
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"grouped_fp8_gemm: {name} must be a float8_e4m3fn/float8_e5m2 tensor, "
+                            f"got {got}")
+        if t.dim() != dims:
+            raise ValueError(f"grouped_fp8_gemm: {name} must be {dims}-D, got shape {tuple(t.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"grouped_fp8_gemm: a is {a.dtype} and b is {b.dtype}; use one FP8 dtype")
+    (m, k), (e, n, kb_) = a.shape, b.shape
+    if k != kb_:
+        raise ValueError(f"grouped_fp8_gemm: a is {tuple(a.shape)} and b is {tuple(b.shape)}: K differs")
+    kb = math.ceil(k / block)
+    for name, s, want in (("a_scale", a_scale, (m, kb)),
+                          ("b_scale", b_scale, (e, math.ceil(n / block), kb))):
+        if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+            raise TypeError(f"grouped_fp8_gemm: {name} must be a floating-point tensor")
+        if tuple(s.shape) != want:
+            raise ValueError(f"grouped_fp8_gemm: {name} has shape {tuple(s.shape)}, expected {want} "
+                             f"for a {tuple(a.shape)}, b {tuple(b.shape)}, blocks of {block}")
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
+        got = offsets.dtype if isinstance(offsets, torch.Tensor) else type(offsets).__name__
+        raise TypeError(f"grouped_fp8_gemm: offsets must be an int64 (or int32) tensor, got {got}")
+    if tuple(offsets.shape) != (e + 1,):
+        raise ValueError(f"grouped_fp8_gemm: offsets has shape {tuple(offsets.shape)}, expected ({e + 1},) "
+                         f"for {e} experts (expert i owns rows offsets[i]:offsets[i+1])")
+    o = offsets.cpu()
+    if int(o[0]) != 0 or int(o[-1]) != m or bool((o[1:] < o[:-1]).any()):
+        raise ValueError(f"grouped_fp8_gemm: offsets must start at 0, never decrease and end at M={m}; "
+                         f"got {o.tolist() if e <= 16 else [*o[:8].tolist(), '...', int(o[-1])]}")
+    return m, n, k, e
+
+
+def grouped_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                     offsets: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Block-scaled FP8 GEMM grouped over experts (reference), as DeepGEMM's contiguous layout.
+
+    Rows of A are sorted by expert: expert ``e`` owns rows ``offsets[e]:offsets[e+1]`` and
+    multiplies them by its own weight ``b[e]``::
+
+        C[offsets[e]:offsets[e+1]] = fp8_gemm(A[rows], sa[rows], B[e], sb[e])   # for each e
+
+    with fp32 promotion every 128 elements of K (``fp8_gemm``'s math). Empty groups are
+    allowed and cost nothing.
+
+    Args:
+        a: ``[M, K]`` float8_e4m3fn (or e5m2), a_scale: ``[M, ceil(K/128)]`` fp32 (1x128 groups).
+        b: ``[E, N, K]`` fp8 of a's dtype, b_scale: ``[E, ceil(N/128), ceil(K/128)]`` fp32.
+        offsets: ``[E+1]`` int64, ``0 = offsets[0] <= ... <= offsets[E] = M``.
+        out_dtype: dtype of C.
+    Returns:
+        ``[M, N]`` tensor of ``out_dtype``.
+    """
+    m, n, _, e = check_grouped_operands(a, a_scale, b, b_scale, offsets)
+    out = torch.zeros(m, n, dtype=out_dtype, device=a.device)
+    bounds = offsets.cpu().tolist()
+    for g in range(e):
+        r0, r1 = bounds[g], bounds[g + 1]
+        if r1 > r0:
+            out[r0:r1] = fp8_gemm(a[r0:r1], a_scale[r0:r1], b[g], b_scale[g], out_dtype)
+    return out

@@ -31,6 +31,7 @@ __all__ = [
     "quantize_groupwise",
     "dequantize_groupwise",
     "fp8_gemm",
+    "grouped_fp8_gemm",
     "weight_only_linear",
 ]
 
@@ -39,7 +40,7 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "scaled_mm", "dequant")
 #: The ops each GPU backend implements.
 GPU_BACKEND_OPS = {
     "triton": frozenset({"quantize_groupwise", "quantize_blockwise", "dequantize_blockwise",
-                         "fp8_gemm", "weight_only_linear"}),
+                         "fp8_gemm", "grouped_fp8_gemm", "weight_only_linear"}),
     "scaled_mm": frozenset({"fp8_gemm"}),
     "dequant": frozenset({"fp8_gemm"}),
 }
@@ -203,6 +204,28 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     if chosen == "dequant":
         return _dequant_gemm(a, a_scale, b, b_scale, out_dtype, block)
     return _gemm.fp8_gemm(a, a_scale, b, b_scale, out_dtype, promote_every, accum_bits, **kwargs)
+
+
+def grouped_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                     offsets: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, *,
+                     backend: str = "auto") -> torch.Tensor:
+    """``finefp8.gemm.grouped_fp8_gemm`` (experts' GEMM, rows sorted by expert) on the selected backend.
+
+    Shapes: ``a`` ``[M, K]`` fp8, ``a_scale`` ``[M, ceil(K/128)]``, ``b`` ``[E, N, K]`` fp8,
+    ``b_scale`` ``[E, ceil(N/128), ceil(K/128)]``, ``offsets`` ``[E+1]`` int64 (expert ``e``
+    owns rows ``offsets[e]:offsets[e+1]``); returns ``[M, N]`` of ``out_dtype``. ``"triton"``
+    runs every expert in one launch (``finefp8.kernels.triton_grouped_gemm``) with the
+    reference's fp32 promotion per 128 of K; elsewhere the reference loops over the
+    non-empty experts.
+    """
+    _gemm.check_grouped_operands(a, a_scale, b, b_scale, offsets)
+    limit = _kernels.gemm_limit(out_dtype, 128, None, 128, a.dtype, b.dtype)
+    chosen = select_backend("grouped_fp8_gemm", a.device, backend, limit=limit)
+    if chosen == "triton":
+        from .kernels.triton_grouped_gemm import grouped_fp8_gemm as triton_grouped_fp8_gemm
+
+        return triton_grouped_fp8_gemm(a, a_scale, b, b_scale, offsets, out_dtype)
+    return _gemm.grouped_fp8_gemm(a, a_scale, b, b_scale, offsets, out_dtype)
 
 
 def _dequant_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,

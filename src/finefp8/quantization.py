@@ -1,6 +1,6 @@
 """Fine-grained FP8 quantization, the reference: 128x128 weight blocks, 1x128 activation groups.
 
-The math of DeepSeek-V3's scheme (SPEC.md section 2), in fp32 as the reference does:
+The math of DeepSeek-V3's scheme (docs/numerics.md), in fp32 as the reference does:
 
 * weights, ``w`` of shape ``[M, N]`` (``[out, in]``), blocks of ``bm x bn`` (128 x 128)::
 

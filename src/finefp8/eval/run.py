@@ -2,7 +2,7 @@
 
 Steps (each shown on the progress bar):
 
-1. Load the model (``default.load_model``) and the text (``text.default_text`` or a file);
+1. Load the model (``models.load_model``) and the text (``text.default_text`` or a file);
    tokenize it; the first ``tokens`` ids in windows of ``window`` are the evaluation set.
 2. GPTQ only: the Hessians of every converted layer's input from ``calib_tokens`` ids taken
    from the end of the text (disjoint from the evaluation tokens).
@@ -31,7 +31,7 @@ from .. import __version__
 from ..nn import fp8_modules, resident_bytes, save_fp8
 from ..nn.saving import check_destination
 from ..quantization import BLOCK_SIZE
-from .default import load_model
+from .models import load_model
 from .metrics import ErrorSums, TokenStats
 from .options import DEFAULT_CALIB_TOKENS, DEFAULT_LAYER_TOKENS, DEFAULT_TOKENS, DEFAULT_WINDOW
 from .text import calibration_windows, default_text, eval_windows, read_text_file, tokenize

@@ -1,6 +1,6 @@
 """The evaluation text and its tokens.
 
-The default text is Python's own documentation (SPEC.md section 5):
+The default text is Python's own documentation (docs/eval.md):
 ``pydoc_data.topics.topics``, a dict of plain-English sections present in every CPython,
 sorted by key and joined with blank lines. It differs between Python versions, so every
 result records the Python version and the SHA-256 of the text.

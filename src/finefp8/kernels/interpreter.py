@@ -2,7 +2,7 @@
 
 Triton 3.9's interpreter (``TRITON_INTERPRET=1``) converts fp32 to float8e4nv in numpy
 by adding the first dropped bit to the 3-bit mantissa and OR-ing the result into the
-exponent field (SPEC.md section 6). Against a correct round-to-nearest-even cast, for
+exponent field (docs/gpu.md). Against a correct round-to-nearest-even cast, for
 normal results that gives exactly two kinds of wrong code:
 
 1. lost carry: a value that rounds up to a power of two ``r`` comes out as ``r / 2``

@@ -1,6 +1,6 @@
 """Block-scaled FP8 GEMM in Triton: ``C = (A * sa) @ (B * sb).T`` with fp32 promotion per K block.
 
-Shapes and dtypes (DeepSeek-V3 / DeepGEMM, SPEC.md section 2)::
+Shapes and dtypes (DeepSeek-V3 / DeepGEMM, docs/numerics.md)::
 
     A  [M, K]  float8_e4m3fn (or e5m2)   sa [M, ceil(K/128)]             fp32 (1x128 groups)
     B  [N, K]  float8_e4m3fn (or e5m2)   sb [ceil(N/128), ceil(K/128)]   fp32 (128x128 blocks)
@@ -31,9 +31,43 @@ import triton.language as tl
 from ..gemm import _check_operands
 from . import gemm_limit, interpreter_enabled, on_device
 
-__all__ = ["fp8_gemm", "SMALL_M", "SMALL_M_CONFIGS", "LARGE_M_CONFIGS", "interpreter_config"]
+__all__ = ["fp8_gemm", "block_scaled_dot", "SMALL_M", "SMALL_M_CONFIGS", "LARGE_M_CONFIGS", "interpreter_config"]
 
 SMALL_M = 64
+
+
+@triton.jit
+def block_scaled_dot(a_ptr, b_ptr, a_s_ptr, b_s_ptr, offs_m, offs_n, K, pid_k,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """``sum over K blocks kb (every SPLIT_K-th from pid_k) of dot(A[m, kb], B[n, kb].T) * sa[m, kb] * sb[n//BK, kb]``.
+
+    a_ptr: [*, K] fp8 rows ``offs_m`` (BLOCK_M indices, all valid rows); b_ptr: [*, K] fp8 rows
+    ``offs_n`` (BLOCK_N valid indices); a_s_ptr: [*, KB] fp32 (1x128 group scales of A's rows);
+    b_s_ptr: [*, KB] fp32 (128x128 block scales of B, row ``n // BLOCK_K``), KB = ceil(K/BLOCK_K).
+    Returns the ``[BLOCK_M, BLOCK_N]`` fp32 accumulator, promoted once per K block; a partial
+    last K block is masked to zero. Shared by the dense and the grouped GEMM kernels.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    kb_total = tl.cdiv(K, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+    a_s_ptrs = a_s_ptr + offs_m * kb_total
+    b_s_ptrs = b_s_ptr + (offs_n // BLOCK_K) * kb_total
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(pid_k, kb_total, SPLIT_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs + kb * BLOCK_K)
+            b = tl.load(b_ptrs + kb * BLOCK_K)
+        else:
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs + kb * BLOCK_K, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs + kb * BLOCK_K, mask=offs_k[:, None] < k_left, other=0.0)
+        a_s = tl.load(a_s_ptrs + kb)
+        b_s = tl.load(b_s_ptrs + kb)
+        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+    return acc
 
 
 @triton.jit
@@ -59,25 +93,8 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, c_ptr, a_s_ptr, b_s_ptr, M, N, K, M_BUCKET,
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_m = tl.max_contiguous(tl.multiple_of(offs_m, BLOCK_M), BLOCK_M)
     offs_n = tl.max_contiguous(tl.multiple_of(offs_n, BLOCK_N), BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    kb_total = tl.cdiv(K, BLOCK_K)
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
-    a_s_ptrs = a_s_ptr + offs_m * kb_total
-    b_s_ptrs = b_s_ptr + (offs_n // BLOCK_K) * kb_total
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(pid_k, kb_total, SPLIT_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs + kb * BLOCK_K)
-            b = tl.load(b_ptrs + kb * BLOCK_K)
-        else:
-            k_left = K - kb * BLOCK_K
-            a = tl.load(a_ptrs + kb * BLOCK_K, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs + kb * BLOCK_K, mask=offs_k[:, None] < k_left, other=0.0)
-        a_s = tl.load(a_s_ptrs + kb)
-        b_s = tl.load(b_s_ptrs + kb)
-        acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+    acc = block_scaled_dot(a_ptr, b_ptr, a_s_ptr, b_s_ptr, offs_m, offs_n, K, pid_k,
+                           BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_K)
 
     offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -1,7 +1,7 @@
 """``FP8Config``: how an ``FP8Linear`` quantizes its weight and its input.
 
 The config says *what* to compute; ``FP8Linear`` holds the tensors; ``finefp8.ops`` runs the
-math. The default is DeepSeek-V3's scheme (SPEC.md section 2)::
+math. The default is DeepSeek-V3's scheme (docs/numerics.md)::
 
     FP8Config()                    # W8A8: 128x128 weight blocks, 1x128 activation groups, fp32 scales
     FP8Config(mode="weight_only")  # FP8 weights, dequantized for an ordinary GEMM

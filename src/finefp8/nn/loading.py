@@ -1,6 +1,6 @@
 """``load``: a transformers model from an FP8 checkpoint, with the FP8 weights kept in FP8.
 
-Either on-disk layout (SPEC.md section 3) is read through ``finefp8.checkpoint.CheckpointReader``:
+Either on-disk layout (docs/checkpoints.md) is read through ``finefp8.checkpoint.CheckpointReader``:
 ``"fp8"`` (``weight`` + ``weight_scale_inv``) and compressed-tensors FP8_BLOCK (``weight`` +
 ``weight_scale``, scales in any float dtype, widened exactly to fp32). Steps:
 

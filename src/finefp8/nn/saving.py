@@ -1,6 +1,6 @@
 """``save_fp8``: write a model with ``FP8Linear`` layers as a DeepSeek/HF ``"fp8"`` checkpoint.
 
-The folder is the one ``finefp8 quantize --format fp8`` writes (SPEC.md section 3), so
+The folder is the one ``finefp8 quantize --format fp8`` writes (docs/checkpoints.md), so
 ``finefp8.load``, ``finefp8 inspect``, transformers' FineGrainedFP8 and vLLM read it alike::
 
     model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)

