@@ -14,13 +14,21 @@ In order:
    4096 x 7168, 7168 x 2048): our Triton ``fp8_gemm`` (autotuned; its tuning time is
    reported), ``torch._scaled_mm`` with 1x128 x 128x128 scales (cuBLAS, sm_90 only),
    and bf16 ``F.linear`` as the baseline; TFLOP/s and the ratio to bf16.
-3. ``act_quant`` / ``weight_quant`` / ``weight_dequant`` GB/s (bytes read + written)
+3. The grouped GEMM over experts (``finefp8.ops.grouped_fp8_gemm``, DeepGEMM's contiguous
+   layout), checked against the reference first, then timed on DeepSeek-V3's routed experts:
+   256 experts, 8 per token, (N, K) = (4096, 7168) (gate_up) and (7168, 2048) (down), tokens
+   in (16, 256, 4096), tokens routed uniformly at random: the one-launch Triton kernel
+   against a loop of one Triton ``fp8_gemm`` per non-empty expert and against bf16
+   ``torch._grouped_mm`` on the same routing.
+4. ``act_quant`` / ``weight_quant`` / ``weight_dequant`` GB/s (bytes read + written)
    against a device-to-device copy measured in the same run.
 
 Timings: CUDA events around each call, the L2 cache flushed before each, the median of
 ``--reps`` runs after ``--warmup`` runs. Shapes not started within ``--budget-s`` seconds
 (autotuning and warm-up included) are listed as skipped. The Markdown report goes to
 ``--out`` and to stdout.
+
+``--grouped-only`` runs the checks and the grouped GEMM timings only.
 
 ``--smoke`` runs the same code on the CPU under Triton's interpreter with tiny shapes:
 the correctness checks (codes within the interpreter's known fp8 cast defect, see
@@ -50,6 +58,10 @@ SMOKE_NK = [(96, 256), (64, 200)]
 SMOKE_M = [1, 16]
 GEMM_REL = 1e-3  # normwise bound for the GPU GEMMs (tensor-core accumulation inside a 128-block)
 SMOKE_GEMM_REL = 1e-6  # the interpreter sums in fp32 with numpy
+GROUPED_E, GROUPED_TOPK = 256, 8  # DeepSeek-V3: routed experts, experts per token
+GROUPED_NK = [(4096, 7168), (7168, 2048)]  # gate_up [2I, H], down [H, I]
+GROUPED_TOKENS = [16, 256, 4096]
+SMOKE_GROUPED = (4, 2, [(96, 256), (64, 200)], [1, 5])  # experts, top-k, (N, K), tokens
 SMOKE_DEFECT = 0.10  # the interpreter's fp32 -> fp8 cast: ~2-6% of codes, all of a known kind (docs/gpu.md)
 
 
@@ -63,6 +75,7 @@ class Report:
     checks: list[tuple[str, str, str, str, bool]] = field(default_factory=list)
     gemm: list[dict] = field(default_factory=list)
     quant: list[dict] = field(default_factory=list)
+    grouped: list[dict] = field(default_factory=list)
     copy_gbs: float | None = None
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -195,7 +208,102 @@ def check_gemm(rep: Report, device: torch.device) -> None:
             rep.notes.append(f"torch._scaled_mm block-wise not checked or timed: {why}.")
 
 
+def route(tokens: int, experts: int, topk: int, g: torch.Generator) -> torch.Tensor:
+    """``offsets [E+1]`` int64 of ``tokens`` each sent to ``topk`` distinct experts, uniformly at random."""
+    chosen = torch.rand(tokens, experts, generator=g).topk(topk, dim=1).indices
+    counts = torch.bincount(chosen.flatten(), minlength=experts)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+
+
+def check_grouped(rep: Report, device: torch.device) -> None:
+    """The Triton grouped GEMM against the grouped reference (fp32 output), empty experts included."""
+    from finefp8 import gemm as G
+    from finefp8 import quantization as Q
+    from finefp8.kernels.triton_grouped_gemm import grouped_fp8_gemm
+
+    g = torch.Generator().manual_seed(2)
+    cases = ([(5, 4, 2, 96, 200), (1, 4, 2, 64, 259)] if rep.smoke else
+             [(1, 256, 8, 4096, 7168), (64, 32, 8, 4096, 7168), (200, 32, 8, 7168, 2048)])
+    bound = SMOKE_GEMM_REL if rep.smoke else GEMM_REL
+    for tokens, e, topk, n, k in cases:
+        offsets = route(tokens, e, topk, g)
+        m = int(offsets[-1])
+        a, sa = Q.quantize_groupwise(torch.randn(m, k, generator=g))
+        qs = [Q.quantize_blockwise(torch.randn(n, k, generator=g) * 0.05) for _ in range(e)]
+        b, sb = torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+        ops_ = [t.to(device) for t in (a, sa, b, sb, offsets)]
+        want = G.grouped_fp8_gemm(*ops_, torch.float32)
+        err = rel_err(grouped_fp8_gemm(*ops_, torch.float32), want)
+        rep.checks.append(("Triton grouped_fp8_gemm", f"{tokens} tok x top-{topk} of {e}, {n}x{k}",
+                           f"rel. error {err:.2e}", f"< {bound:.0e}", err < bound))
+
+
 # ----------------------------------------------------------------------------- timing runs
+
+
+def expert_loop(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor,
+                busy: list[tuple[int, int, int]]) -> torch.Tensor:
+    """The baseline: one Triton ``fp8_gemm`` per busy expert ``(e, row0, row1)``, bf16 ``[M, N]``."""
+    from finefp8.kernels.triton_gemm import fp8_gemm
+
+    out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=torch.bfloat16)
+    for i, r0, r1 in busy:
+        out[r0:r1] = fp8_gemm(a[r0:r1], sa[r0:r1], b[i], sb[i], torch.bfloat16)
+    return out
+
+
+def time_grouped(rep: Report, device: torch.device, timer: Timer, budget_s: float, t0: float) -> None:
+    """Grouped FP8 GEMM vs a per-expert loop of fp8_gemm vs bf16 torch._grouped_mm, same routing."""
+    from finefp8.kernels.triton_grouped_gemm import grouped_fp8_gemm
+    from finefp8.kernels.triton_quant import act_quant, weight_quant
+
+    e, topk, nks, token_list = (SMOKE_GROUPED if rep.smoke else
+                                (GROUPED_E, GROUPED_TOPK, GROUPED_NK, GROUPED_TOKENS))
+    g = torch.Generator().manual_seed(3)
+    for n, k in nks:
+        if time.perf_counter() - t0 > budget_s:
+            rep.grouped += [{"E": e, "topk": topk, "N": n, "K": k, "tokens": t, "skipped": "time budget"}
+                            for t in token_list]
+            continue
+        w16 = torch.empty(e, n, k, device=device, dtype=torch.bfloat16)
+        b = torch.empty(e, n, k, device=device, dtype=torch.float8_e4m3fn)
+        sb = torch.empty(e, -(-n // 128), -(-k // 128), device=device, dtype=torch.float32)
+        for i in range(e):
+            w16[i].normal_(0, 0.02)
+            b[i], sb[i] = weight_quant(w16[i], allow_nonfinite=True)
+        for tokens in token_list:
+            row = {"E": e, "topk": topk, "N": n, "K": k, "tokens": tokens}
+            rep.grouped.append(row)
+            if time.perf_counter() - t0 > budget_s:
+                row["skipped"] = "time budget"
+                continue
+            offsets = route(tokens, e, topk, g).to(device)
+            bounds = offsets.cpu().tolist()
+            busy = [(i, bounds[i], bounds[i + 1]) for i in range(e) if bounds[i + 1] > bounds[i]]
+            row["busy"] = len(busy)
+            x = torch.randn(bounds[-1], k, device=device, dtype=torch.bfloat16)
+            a, sa = act_quant(x, allow_nonfinite=True)
+            loop = partial(expert_loop, a, sa, b, sb, busy)
+            tune0 = time.perf_counter()
+            grouped_fp8_gemm(a, sa, b, sb, offsets, torch.bfloat16)  # autotunes once per (BLOCK_M, N, K)
+            loop()
+            sync(device)
+            if not rep.smoke:
+                row["tune_s"] = time.perf_counter() - tune0
+                rep.tune_seconds += row["tune_s"]
+            row["grouped"] = timer(partial(grouped_fp8_gemm, a, sa, b, sb, offsets, torch.bfloat16))
+            row["loop"] = timer(loop)
+            ends = offsets[1:].to(torch.int32)
+            try:
+                row["bf16"] = timer(partial(torch._grouped_mm, x, w16.transpose(-2, -1), offs=ends))
+            except RuntimeError as err:  # bf16 grouped GEMM missing on this GPU / torch build
+                rep.notes.append(f"bf16 torch._grouped_mm not timed: {str(err).splitlines()[0]}")
+            timed = [f"{key} {row[key]:.4f} ms" for key in ("grouped", "loop", "bf16") if row.get(key)]
+            print(f"  grouped E={e} top-{topk} tokens={tokens} N={n} K={k}: "
+                  f"{', '.join(timed) or 'ran once, not timed'}", flush=True)
+        del w16, b, sb
+
+
 
 
 def time_gemms(rep: Report, device: torch.device, timer: Timer, budget_s: float, t0: float) -> None:
@@ -301,6 +409,7 @@ def render(rep: Report) -> str:
                          f"{_num(tf['scaled_mm'], '.0f')} | {_num(tf['bf16'], '.0f')} | "
                          f"{_num(ratio['triton'], '.2f')} | {_num(ratio['scaled_mm'], '.2f')} | "
                          f"{_num(r.get('tune_s'), '.1f')} |")
+        lines += _render_grouped(rep)
         lines += ["", "## Quantization kernels (GB/s read + written)", "",
                   f"Device-to-device copy, measured in the same run: {_num(rep.copy_gbs, '.0f')} GB/s.", "",
                   "| kernel | shape | GB/s | of copy |", "|---|---|---:|---:|"]
@@ -312,6 +421,33 @@ def render(rep: Report) -> str:
     if rep.notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in rep.notes]
     return "\n".join(lines) + "\n"
+
+
+def _render_grouped(rep: Report) -> list[str]:
+    """The grouped GEMM table: ms per call and the loop's and bf16's time over the grouped kernel's."""
+    if not rep.grouped:
+        return []
+    lines = ["", "## Grouped GEMM over experts, bf16 output (ms per call)", "",
+             "Rows: routed tokens x top-k, each to distinct experts chosen uniformly at random; "
+             "*busy*: experts with at least one row. Grouped: `finefp8.ops.grouped_fp8_gemm`'s "
+             "Triton kernel, one launch for all experts; loop: one Triton `fp8_gemm` per busy "
+             "expert (a host loop); bf16: `torch._grouped_mm` on bf16 weights, same routing. "
+             "Ratios above 1 mean the grouped FP8 kernel is faster.", "",
+             "| N x K | experts | top-k | tokens | busy | grouped fp8 | fp8 loop | bf16 grouped "
+             "| loop / grouped | bf16 / grouped | tune s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rep.grouped:
+        head = f"| {r['N']}x{r['K']} | {r['E']} | {r['topk']} | {r['tokens']} |"
+        if "skipped" in r:
+            lines.append(f"{head} skipped ({r['skipped']}) | | | | | | |")
+            continue
+        ratio = {key: (None if r.get(key) is None or r.get("grouped") is None else r[key] / r["grouped"])
+                 for key in ("loop", "bf16")}
+        lines.append(f"{head} {r.get('busy', '—')} | {_num(r.get('grouped'), '.4f')} | "
+                     f"{_num(r.get('loop'), '.4f')} | {_num(r.get('bf16'), '.4f')} | "
+                     f"{_num(ratio['loop'], '.2f')} | {_num(ratio['bf16'], '.2f')} | "
+                     f"{_num(r.get('tune_s'), '.1f')} |")
+    return lines
 
 
 def _triton_version() -> str:
@@ -337,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=240.0, help="start no GEMM shape after this many seconds")
     ap.add_argument("--reps", type=int, default=30, help="timed runs per measurement (median)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed runs before the timed ones")
+    ap.add_argument("--grouped-only", action="store_true",
+                    help="after the checks, time only the grouped GEMM over experts")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
 
@@ -359,10 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_bench: {rep.device}", flush=True)
     check_quant(rep, device)
     check_gemm(rep, device)
+    check_grouped(rep, device)
     if rep.ok:
         timer = Timer(device, args.warmup, args.reps)
-        time_gemms(rep, device, timer, args.budget_s, t0)
-        time_quant(rep, device, timer)
+        if not args.grouped_only:
+            time_gemms(rep, device, timer, args.budget_s, t0)
+        time_grouped(rep, device, timer, args.budget_s + (0 if args.grouped_only else 60), t0)
+        if not args.grouped_only:
+            time_quant(rep, device, timer)
     rep.seconds = time.perf_counter() - t0
     text = render(rep)
     args.out.parent.mkdir(parents=True, exist_ok=True)

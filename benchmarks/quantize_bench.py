@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
     print(f"ours = finefp8.ops backend {ours_backend!r}"
-          + (f" ({cpu_kernels.library_path()})" if ours_backend == "cpu" else ""))
+          + (f" ({cpu_kernels.library_path()}; {cpu_kernels.instruction_set()})"
+             if ours_backend == "cpu" else ""))
     print(f"best of {args.repeat} runs each\n")
 
     bw, bw_fresh = copy_bandwidth(args.repeat)

@@ -157,8 +157,35 @@ def test_encode_float64_and_bfloat16_inputs():
     ref = torch.from_numpy(x.numpy().astype(ml_dtypes.float8_e4m3fn).view(np.uint8).copy())
     in_range = x.abs() <= 448
     assert torch.equal(encode(x, E4M3)[in_range], ref[in_range])
-    xb = torch.randn(10_000).to(torch.bfloat16)
-    assert torch.equal(encode(xb, E4M3), encode(xb.float(), E4M3))
+
+
+
+def _bf16_e4m3_ties() -> torch.Tensor:
+    """bf16 values on and between E4M3 values: every finite E4M3 value, every midpoint between
+    neighbours (exact in bf16: 5 significant bits) and its bf16 neighbours, both signs."""
+    vals = decode(torch.arange(0, 0x7F, dtype=torch.uint8), E4M3)
+    mids = ((vals[1:] + vals[:-1]) / 2).to(torch.bfloat16)
+    up = torch.nextafter(mids, torch.tensor(float("inf"), dtype=torch.bfloat16))
+    down = torch.nextafter(mids, torch.tensor(0.0, dtype=torch.bfloat16))
+    pos = torch.cat([vals.to(torch.bfloat16), mids, up, down])
+    return torch.cat([pos, -pos])
+
+
+def test_encode_bfloat16_matches_ml_dtypes_bfloat16_cast():
+    """bf16 inputs against ml_dtypes' own bfloat16 -> float8 cast, from the raw bf16 bits (no
+    torch conversion on the reference side): random values, exact ties, out of range."""
+    g = torch.Generator().manual_seed(2)
+    rand = (torch.randn(20_000, generator=g) * torch.exp2(torch.randint(-14, 10, (20_000,),
+                                                                        generator=g))).to(torch.bfloat16)
+    xb = torch.cat([rand, _bf16_e4m3_ties()])
+    bits = xb.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    for fmt in (E4M3, E5M2):
+        want = torch.from_numpy(bits.astype(ML[fmt.name]).view(np.uint8).copy())
+        ours = encode(xb, fmt, saturate=False)
+        assert bool(nan_aware_equal(ours, want, fmt).all())
+    sat = encode(xb, E4M3, saturate=True)
+    big = xb.float().abs() > 464  # beyond the midpoint of 448 and 2**9: saturates to +-448
+    assert bool((sat[big] & 0x7F == 0x7E).all()) and bool(big.any())
 
 
 def test_bad_inputs():

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from finefp8 import quantization as Q
-from finefp8.formats import E4M3, decode, encode
+from finefp8.formats import E4M3, E5M2, encode
 
 # The dequantization error bound derived in docs/numerics.md, for fp32 output:
 #   |w~ - w| <= 2^-4 |w|        where |w / s| >= 2^-6 (E4M3 normal range)
@@ -218,9 +218,20 @@ def test_dequantize_bf16_output_adds_only_bf16_rounding():
 
 
 def test_e5m2_codes():
-    w = torch.randn(200, 300)
+    """E5M2 block quantization: scale = block amax / 57344 and every code equals the bit-exact
+    encoder's E5M2 code of w / scale, block by block."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(200, 300, generator=g) * torch.exp2(torch.randint(-8, 8, (200, 300), generator=g))
     q, s = Q.quantize_blockwise(w, fmt="e5m2")
-    assert q.dtype == torch.float8_e5m2
-    assert torch.allclose(s, Q.block_amax(w) / 57344)
-    vals = decode(q.view(torch.uint8), "e5m2")
-    assert float(vals.abs().max()) == 57344.0
+    assert q.dtype == torch.float8_e5m2 and s.shape == (2, 3)
+    codes = q.view(torch.uint8)
+    for i in range(2):
+        for j in range(3):
+            blk = w[128 * i: 128 * (i + 1), 128 * j: 128 * (j + 1)]
+            amax = max(abs(float(v)) for v in blk.flatten().tolist())
+            s_ref = torch.tensor(amax, dtype=torch.float32) / 57344.0
+            assert float(s[i, j]) == float(s_ref)
+            want = encode(blk / s_ref, E5M2, saturate=True)
+            assert torch.equal(codes[128 * i: 128 * (i + 1), 128 * j: 128 * (j + 1)], want)
+            # the block's largest value maps to E5M2's largest finite code (0x7B: 57344)
+            assert int((want & 0x7F).max()) == 0x7B

@@ -13,15 +13,15 @@ from .ops import (
     dequantize_blockwise,
     dequantize_groupwise,
     fp8_gemm,
+    grouped_fp8_gemm,
     quantize_blockwise,
     quantize_groupwise,
     select_backend,
 )
-
-__version__ = "0.1.0"
+from .version import __version__
 
 #: Inference names, imported from ``finefp8.nn`` on first use (keeps ``import finefp8`` light).
-_NN_EXPORTS = ("FP8Config", "FP8Linear", "quantize_model", "load", "save_fp8")
+_NN_EXPORTS = ("FP8Config", "FP8Linear", "FP8Experts", "quantize_model", "load", "save_fp8")
 
 
 def __getattr__(name: str):
@@ -43,10 +43,12 @@ __all__ = [
     "quantize_groupwise",
     "dequantize_groupwise",
     "fp8_gemm",
+    "grouped_fp8_gemm",
     "limited_dot",
     "select_backend",
     "FP8Config",
     "FP8Linear",
+    "FP8Experts",
     "quantize_model",
     "load",
     "save_fp8",

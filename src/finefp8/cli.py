@@ -6,8 +6,8 @@ import argparse
 import math
 import sys
 
-from . import __version__
 from .formats import FORMATS
+from .version import __version__
 
 
 def _pow2_label(v: float | None) -> str:
@@ -43,6 +43,37 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_model(command: str, name: str, revision: str | None, purpose: str,
+                   quiet: bool = False, stream_weights: bool = False):
+    """A model argument (local path or Hub ID, ``finefp8.hub``) as a ``ResolvedModel``, or
+    ``None`` after printing the error (``finefp8 COMMAND: ...``) on stderr."""
+    from .hub import resolve_model
+
+    try:
+        return resolve_model(name, revision, purpose=purpose, progress=not quiet,
+                             stream_weights=stream_weights)
+    except (OSError, ValueError) as e:
+        print(f"finefp8 {command}: {e}", file=sys.stderr)
+        return None
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed (``finefp8 quantize ...``), for a model card."""
+    import shlex
+
+    return shlex.join(["finefp8", *getattr(args, "argv", [])])
+
+
+def _card_source(resolved, base_model: str | None):
+    """The model card's ``CardSource`` of a resolved model argument."""
+    from .checkpoint.card import CardSource
+
+    if resolved.is_hub:
+        return CardSource(resolved.repo_id, resolved.repo_id, resolved.revision, resolved.commit,
+                          base_model or resolved.repo_id)
+    return CardSource.from_path(resolved.path, base_model)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     """Greedy generation with an FP8 checkpoint loaded by ``finefp8.load`` (FP8Linear layers)."""
     import time
@@ -52,6 +83,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .nn import load
 
+    resolved = _resolve_model("generate", args.checkpoint, args.revision, "generate")
+    if resolved is None:
+        return 1
+    args.checkpoint = str(resolved.path)
     try:
         model = load(args.checkpoint, mode=args.mode, dtype=args.dtype)
     except (CheckpointError, ValueError, OSError) as e:
@@ -99,6 +134,9 @@ def _checkpoint_errors() -> tuple[type[BaseException], ...]:
 
 
 def _print_conversion(name: str, res, quiet: bool) -> None:
+    for line in getattr(res, "redone", []):
+        print(f"finefp8 {name}: redone (failed its check against the manifest): {line}",
+              file=sys.stderr)
     if quiet:
         return
     if res.already_complete:
@@ -110,6 +148,11 @@ def _print_conversion(name: str, res, quiet: bool) -> None:
     print(f"finefp8 {name}: {res.quantized} weights converted, {res.copied} tensors copied, "
           f"{res.shards} shards{resumed}; {res.in_bytes / 1e9:.2f} GB read in {res.seconds:.1f} s "
           f"({rate:.0f} MB/s) -> {res.out_dir} ({res.out_bytes / 1e9:.2f} GB)", file=sys.stderr)
+    if getattr(res, "serving", None) is not None:
+        from .checkpoint.serving import summary_lines
+
+        for line in summary_lines(res.serving):
+            print(f"finefp8 {name}: {line}", file=sys.stderr)
 
 
 def _run_conversion(command: str, args: argparse.Namespace, convert) -> int:
@@ -126,19 +169,135 @@ def _run_conversion(command: str, args: argparse.Namespace, convert) -> int:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize a Hugging Face checkpoint to FP8 128x128 blocks (streaming, resumable)."""
     from .checkpoint.convert import quantize_checkpoint
+    from .checkpoint.serving import parse_tp
 
-    return _run_conversion("quantize", args, lambda: quantize_checkpoint(
-        args.src, args.dst, fmt=args.format, scale_fmt=args.scale_fmt, ignore=args.ignore,
-        workers=args.workers, overwrite=args.overwrite, progress=not args.quiet))
+    try:
+        tp = () if args.no_serving_check else parse_tp(args.tp)
+    except ValueError as e:
+        print(f"finefp8 quantize: {e}", file=sys.stderr)
+        return 1
+    resolved = _resolve_model("quantize", args.src, args.revision, "quantize", args.quiet,
+                              stream_weights=True)
+    if resolved is None:
+        return 1
+    layout = args.layout
+    if args.format is not None:
+        print("finefp8 quantize: --format is deprecated, use --layout", file=sys.stderr)
+        layout = args.format
+    from .checkpoint.card import CARD_NAME, write_card
+    from .hub import StagedInput
+
+    source = _card_source(resolved, args.base_model)
+    # the card describes the quantization_config, which an IN without config.json cannot have
+    with_card = resolved.path.is_dir() and (resolved.path / "config.json").is_file()
+
+    def card(out) -> None:
+        write_card(out, source, command=_command_line(args), ignore=args.ignore,
+                   source_card_path=resolved.path / CARD_NAME)
+
+    if args.calibrate:
+        return _run_conversion("quantize", args, lambda: _quantize_calibrated(
+            args, resolved, layout, tp, card, (CARD_NAME,)))
+
+    def convert(src, before_shard=None):
+        return quantize_checkpoint(
+            src, args.dst, layout=layout, scale_fmt=args.scale_fmt,
+            ignore=args.ignore, workers=args.workers, overwrite=args.overwrite,
+            progress=not args.quiet, tp=tp, allow_nonfinite=args.allow_nonfinite,
+            before_shard=before_shard, finish=card if with_card else None,
+            extra_outputs=(CARD_NAME,) if with_card else ())
+
+    def streamed():
+        # a Hub model: plan from the shard headers, fetch shard i+1 while shard i converts
+        with StagedInput(resolved, purpose="quantize", progress=not args.quiet) as staged:
+            return convert(staged.root, staged.before_shard)
+
+    return _run_conversion("quantize", args,
+                           streamed if resolved.is_hub else lambda: convert(resolved.path))
+
+
+def _calibration_tokens(args: argparse.Namespace, src):
+    """The ``--calibrate`` token windows: ``--text`` (default: the evaluation's default text,
+    from its end, disjoint from what ``finefp8 eval`` evaluates on) tokenized by IN's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .eval.text import default_text, read_text_file
+    from .nn.calibrate import CalibrationTokens, calibration_token_windows
+
+    source = read_text_file(args.text) if args.text else default_text()
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--calibrate needs IN's tokenizer to tokenize the calibration text: "
+                         f"{e}") from e
+    ids = torch.tensor(tok(source.text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    return CalibrationTokens(calibration_token_windows(ids, args.calib_tokens), source.name,
+                             source.sha256)
+
+
+def _quantize_calibrated(args: argparse.Namespace, resolved, layout: str, tp, card, extra):
+    """``quantize --calibrate``: codes chosen layer by layer (finefp8.nn.calibrate)."""
+    from .hub import StagedInput
+    from .nn.calibrate import quantize_calibrated
+
+    if args.scale_fmt != "fp32":
+        raise ValueError("--calibrate chooses codes for fp32 block scales; drop --scale-fmt ue8m0")
+
+    def run(src):
+        res = quantize_calibrated(
+            src, args.dst, _calibration_tokens(args, src), method=args.calibrate, layout=layout,
+            ignore=args.ignore, tp=tp, overwrite=args.overwrite, progress=not args.quiet,
+            allow_nonfinite=args.allow_nonfinite, min_expert_tokens=args.min_expert_tokens,
+            act_quant_inputs=args.calib_hessian == "w8a8", finish=card, extra_outputs=extra)
+        meta = res.metadata
+        if not args.quiet and "calibrated" in meta:
+            print(f"finefp8 quantize: {meta['method']} calibrated {meta['calibrated']} weights "
+                  f"on {meta['tokens']} tokens of {meta['text']}; plain: {len(meta['plain'])}"
+                  + (f" ({', '.join(meta['plain'][:5])}...)" if meta["plain"] else ""),
+                  file=sys.stderr)
+        return res.conversion
+
+    if resolved.is_hub:  # calibration reads every shard: fetch them all first
+        from .checkpoint import CheckpointReader
+
+        with StagedInput(resolved, purpose="quantize", progress=not args.quiet) as staged:
+            with CheckpointReader(staged.root) as reader:
+                shards = list(reader.shards)
+            for name in shards:
+                staged.before_shard(name)
+            return run(staged.root)
+    return run(resolved.path)
 
 
 def _cmd_dequantize(args: argparse.Namespace) -> int:
     """Dequantize an FP8 block checkpoint (either layout) to bf16/fp16/fp32."""
     from .checkpoint.convert import dequantize_checkpoint
 
-    return _run_conversion("dequantize", args, lambda: dequantize_checkpoint(
-        args.src, args.dst, dtype=args.dtype, workers=args.workers, overwrite=args.overwrite,
-        progress=not args.quiet))
+    resolved = _resolve_model("dequantize", args.src, args.revision, "dequantize", args.quiet)
+    if resolved is None:
+        return 1
+    from .checkpoint.card import CARD_NAME, is_finefp8_card, restore_source_card
+
+    # a finefp8 card (copied from IN) would call the output FP8: give back the source's card
+    ours = resolved.path.is_dir() and is_finefp8_card(resolved.path)
+
+    def convert(src):
+        return dequantize_checkpoint(
+            src, args.dst, dtype=args.dtype, workers=args.workers, overwrite=args.overwrite,
+            progress=not args.quiet, allow_nonfinite=args.allow_nonfinite,
+            finish=(lambda out: restore_source_card(out, args.src)) if ours else None,
+            extra_outputs=(CARD_NAME,) if ours else ())
+
+    def from_hub():
+        from .hub import StagedInput
+
+        # only the files dequantize uses: a cached snapshot may hold other weight formats
+        with StagedInput(resolved, purpose="dequantize", stream=False) as staged:
+            return convert(staged.root)
+
+    return _run_conversion("dequantize", args,
+                           from_hub if resolved.is_hub else lambda: convert(resolved.path))
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -147,6 +306,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     from .checkpoint.inspect import inspect_checkpoint, print_report
 
+    resolved = _resolve_model("inspect", args.checkpoint, args.revision, "inspect")
+    if resolved is None:
+        return 1
+    args.checkpoint = str(resolved.path)
     try:
         tp = [int(v) for v in args.tp.split(",") if v.strip()]
         if not tp or min(tp) < 1:
@@ -171,6 +334,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return run_command(args)
 
 
+def _add_revision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="branch, tag or commit of a Hub ID (default main); see docs/hub.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="finefp8", description=__doc__)
@@ -179,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("formats", help="print the FP8 format constants")
     p.set_defaults(func=_cmd_formats)
     p = sub.add_parser("generate", help="greedy text generation with an FP8 checkpoint")
-    p.add_argument("checkpoint", metavar="CKPT", help="FP8 checkpoint directory (with tokenizer)")
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="FP8 checkpoint directory (with tokenizer) or Hub ID org/name")
+    _add_revision(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (32)")
     p.add_argument("--mode", choices=("w8a8", "weight_only"), default="w8a8",
@@ -189,30 +359,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     p.set_defaults(func=_cmd_generate)
     p = sub.add_parser("quantize", help="quantize a checkpoint to FP8 128x128 blocks")
-    p.add_argument("src", metavar="IN", help="Hugging Face model directory (safetensors)")
+    p.add_argument("src", metavar="IN",
+                   help="Hugging Face model directory (safetensors) or Hub ID org/name")
+    _add_revision(p)
     p.add_argument("dst", metavar="OUT", help="output directory (created; must be empty)")
-    p.add_argument("--format", choices=("fp8", "compressed-tensors"), default="fp8",
+    p.add_argument("--layout", choices=("fp8", "compressed-tensors"), default="fp8",
                    help="on-disk layout: fp8 (DeepSeek/HF weight_scale_inv, default) or "
                         "compressed-tensors (FP8_BLOCK weight_scale)")
+    p.add_argument("--format", choices=("fp8", "compressed-tensors"), default=None,
+                   help="deprecated alias of --layout")
     p.add_argument("--scale-fmt", choices=("fp32", "ue8m0"), default="fp32",
                    help="block scales: fp32 amax/448 (default) or ue8m0 powers of two")
     p.add_argument("--ignore", nargs="+", default=[], metavar="PATTERN",
                    help="keep matching modules in high precision: glob, or re:REGEX")
+    p.add_argument("--base-model", default=None, metavar="ORG/NAME",
+                   help="Hub ID for the model card's base_model when IN is a local folder "
+                        "(default: the Hub ID IN was resolved from)")
+    p.add_argument("--tp", default="1", metavar="N[,M...]",
+                   help="tensor-parallel degrees the output must serve at in vLLM/SGLang (1): "
+                        "layers the engine would refuse or compute wrong stay bf16; 'none' = "
+                        "no check")
+    p.add_argument("--no-serving-check", action="store_true",
+                   help="same as --tp none: quantize every Linear layer the rules allow")
     p.add_argument("--workers", type=int, default=1, help="shards converted in parallel (1)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous finefp8 conversion in OUT (removes only its files)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write NaN/Inf results (non-finite weights or scales, overflows) instead "
+                        "of refusing")
+    p.add_argument("--calibrate", choices=("gptq",), default=None,
+                   help="choose the codes by GPTQ on calibration text, one decoder layer at a "
+                        "time (same layout; fp32 scales)")
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help="--calibrate: UTF-8 calibration text (default: the eval's default "
+                        "text, its last tokens)")
+    p.add_argument("--calib-tokens", type=int, default=2048, metavar="N",
+                   help="--calibrate: calibration tokens, in windows of 1024 (2048)")
+    p.add_argument("--calib-hessian", choices=("float", "w8a8"), default="float",
+                   help="--calibrate: GPTQ Hessians of the float inputs (default) or of the "
+                        "1x128 FP8 inputs W8A8 computes with")
+    p.add_argument("--min-expert-tokens", type=int, default=16, metavar="N",
+                   help="--calibrate: routed experts given fewer tokens keep plain rounding (16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_cmd_quantize)
     p = sub.add_parser("dequantize", help="dequantize an FP8 block checkpoint to bf16/fp16/fp32")
-    p.add_argument("src", metavar="IN", help="FP8 checkpoint (fp8 or compressed-tensors layout)")
+    p.add_argument("src", metavar="IN",
+                   help="FP8 checkpoint (fp8 or compressed-tensors layout): folder or Hub ID")
+    _add_revision(p)
     p.add_argument("dst", metavar="OUT", help="output directory (created; must be empty)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                    help="dtype of the dequantized weights (bf16)")
     p.add_argument("--workers", type=int, default=1, help="shards converted in parallel (1)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous finefp8 conversion in OUT (removes only its files)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write NaN/Inf results (non-finite weights or scales, overflows) instead "
+                        "of refusing")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_cmd_dequantize)
     p = sub.add_parser("inspect", help="per-tensor report and tensor-parallel support")
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or .safetensors file")
+    p.add_argument("checkpoint", metavar="CKPT",
+                   help="checkpoint directory, .safetensors file or Hub ID org/name")
+    _add_revision(p)
     p.add_argument("--tp", default="1,2,4,8,16", help="TP degrees to check (1,2,4,8,16)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--no-scan", action="store_true",
@@ -230,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``finefp8`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

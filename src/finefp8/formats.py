@@ -33,6 +33,7 @@ __all__ = [
     "E5M2",
     "UE8M0",
     "FORMATS",
+    "FP8_DTYPES",
     "get_format",
     "encode",
     "decode",
@@ -122,6 +123,10 @@ UE8M0 = FP8Format(
 )
 
 FORMATS: dict[str, FP8Format] = {f.name: f for f in (E4M3, E5M2, UE8M0)}
+
+#: The torch dtypes that hold FP8 codes of a quantized tensor (E4M3 and E5M2); the one
+#: definition every module checks against.
+FP8_DTYPES: tuple[torch.dtype, ...] = (E4M3.torch_dtype, E5M2.torch_dtype)
 
 
 def get_format(fmt: FP8Format | str) -> FP8Format:

@@ -22,10 +22,11 @@ import math
 
 import torch
 
+from .formats import FP8_DTYPES
+
 __all__ = ["fp8_gemm", "grouped_fp8_gemm", "check_grouped_operands", "limited_dot", "MMA_K"]
 
 MMA_K = 32  # fp8 elements of K consumed by one Hopper WGMMA instruction
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _truncate_to_bits(t: torch.Tensor, e: torch.Tensor, bits: int) -> torch.Tensor:
@@ -59,9 +60,16 @@ def limited_dot(a: torch.Tensor, b: torch.Tensor, accum_bits: int, mma_k: int = 
     return acc
 
 
-def _check_operands(a, a_scale, b, b_scale, block: int) -> tuple[int, int, int, int]:
+def check_operands(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   block: int) -> tuple[int, int, int, int]:
+    """Validate the operands of ``fp8_gemm``; returns ``(M, N, K, ceil(K/block))``.
+
+    ``a`` ``[M, K]`` and ``b`` ``[N, K]`` of an FP8 dtype; ``a_scale`` ``[M, ceil(K/block)]``
+    and ``b_scale`` ``[ceil(N/block), ceil(K/block)]`` floating point. Raises ``TypeError`` or
+    ``ValueError`` naming the operand otherwise. Every GEMM backend calls it first.
+    """
     for name, t in (("a", a), ("b", b)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in _FP8:
+        if not isinstance(t, torch.Tensor) or t.dtype not in FP8_DTYPES:
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"fp8_gemm: {name} must be a float8_e4m3fn/float8_e5m2 tensor, got {got}")
         if t.dim() != 2:
@@ -131,7 +139,7 @@ def fp8_gemm(
     Returns:
         ``[M, N]`` tensor of ``out_dtype``.
     """
-    m, n, k, _ = _check_operands(a, a_scale, b, b_scale, block_size)
+    m, n, k, _ = check_operands(a, a_scale, b, b_scale, block_size)
     sa = a_scale.float()
     sb_rows = b_scale.float().repeat_interleave(block_size, 0)[:n]  # [N, Kb]
     work = torch.float64 if accum_bits is not None else torch.float32
@@ -157,40 +165,45 @@ def check_grouped_operands(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
     offsets' values costs one host synchronisation when they live on a GPU.
     """
     for name, t, dims in (("a", a, 2), ("b", b, 3)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in _FP8:
+        if not isinstance(t, torch.Tensor) or t.dtype not in FP8_DTYPES:
             got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
             raise TypeError(f"grouped_fp8_gemm: {name} must be a float8_e4m3fn/float8_e5m2 tensor, "
                             f"got {got}")
         if t.dim() != dims:
-            raise ValueError(f"grouped_fp8_gemm: {name} must be {dims}-D, got shape {tuple(t.shape)}")
+            raise ValueError(f"grouped_fp8_gemm: {name} must be {dims}-D, "
+                             f"got shape {tuple(t.shape)}")
     if a.dtype != b.dtype:
         raise TypeError(f"grouped_fp8_gemm: a is {a.dtype} and b is {b.dtype}; use one FP8 dtype")
     (m, k), (e, n, kb_) = a.shape, b.shape
     if k != kb_:
-        raise ValueError(f"grouped_fp8_gemm: a is {tuple(a.shape)} and b is {tuple(b.shape)}: K differs")
+        raise ValueError(f"grouped_fp8_gemm: a is {tuple(a.shape)} and b is {tuple(b.shape)}: "
+                         f"K differs")
     kb = math.ceil(k / block)
     for name, s, want in (("a_scale", a_scale, (m, kb)),
                           ("b_scale", b_scale, (e, math.ceil(n / block), kb))):
         if not isinstance(s, torch.Tensor) or not s.is_floating_point():
             raise TypeError(f"grouped_fp8_gemm: {name} must be a floating-point tensor")
         if tuple(s.shape) != want:
-            raise ValueError(f"grouped_fp8_gemm: {name} has shape {tuple(s.shape)}, expected {want} "
-                             f"for a {tuple(a.shape)}, b {tuple(b.shape)}, blocks of {block}")
+            raise ValueError(f"grouped_fp8_gemm: {name} has shape {tuple(s.shape)}, "
+                             f"expected {want} for a {tuple(a.shape)}, b {tuple(b.shape)}, "
+                             f"blocks of {block}")
     if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
         got = offsets.dtype if isinstance(offsets, torch.Tensor) else type(offsets).__name__
         raise TypeError(f"grouped_fp8_gemm: offsets must be an int64 (or int32) tensor, got {got}")
     if tuple(offsets.shape) != (e + 1,):
-        raise ValueError(f"grouped_fp8_gemm: offsets has shape {tuple(offsets.shape)}, expected ({e + 1},) "
-                         f"for {e} experts (expert i owns rows offsets[i]:offsets[i+1])")
+        raise ValueError(f"grouped_fp8_gemm: offsets has shape {tuple(offsets.shape)}, "
+                         f"expected ({e + 1},) for {e} experts "
+                         f"(expert i owns rows offsets[i]:offsets[i+1])")
     o = offsets.cpu()
     if int(o[0]) != 0 or int(o[-1]) != m or bool((o[1:] < o[:-1]).any()):
-        raise ValueError(f"grouped_fp8_gemm: offsets must start at 0, never decrease and end at M={m}; "
-                         f"got {o.tolist() if e <= 16 else [*o[:8].tolist(), '...', int(o[-1])]}")
+        raise ValueError(f"grouped_fp8_gemm: offsets must start at 0, never decrease and end "
+                         f"at M={m}; got {o.tolist() if e <= 16 else [*o[:8].tolist(), '...', int(o[-1])]}")
     return m, n, k, e
 
 
-def grouped_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                     offsets: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def grouped_fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
+                     b_scale: torch.Tensor, offsets: torch.Tensor,
+                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Block-scaled FP8 GEMM grouped over experts (reference), as DeepGEMM's contiguous layout.
 
     Rows of A are sorted by expert: expert ``e`` owns rows ``offsets[e]:offsets[e+1]`` and

@@ -8,7 +8,8 @@ The math of DeepSeek-V3's scheme (docs/numerics.md), in fp32 as the reference do
       q       = cast_fp8(w.float() / s)          # round to nearest even, saturating
       w      ~= q * s
 
-  ``s`` (``scale_inv`` on disk: the *de*quantization multiplier) has shape
+  ``s``, called ``scale`` throughout the library (the *de*quantization multiplier;
+  DeepSeek-V3 checkpoints store it as ``weight_scale_inv``), has shape
   ``[ceil(M/bm), ceil(N/bn)]``; a partial edge block behaves as if zero-padded.
 * activations, ``x`` of shape ``[..., K]``, groups of ``g`` (128) consecutive channels
   of the last dimension; ``s`` has shape ``[..., ceil(K/g)]``.
@@ -29,13 +30,23 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .formats import E4M3, FP8Format, get_format, round_up_pow2, to_fp8
+from .formats import E4M3, FP8_DTYPES, FP8Format, get_format, round_up_pow2, to_fp8
 
 __all__ = [
     "AMAX_FLOOR",
     "BLOCK_SIZE",
     "GROUP_SIZE",
     "SCALE_FMTS",
+    "FLOAT_INPUT_DTYPES",
+    "label",
+    "check_float_input",
+    "check_fp8_input",
+    "check_block_size",
+    "check_scale_fmt",
+    "raise_nonfinite_block",
+    "raise_nonfinite_group",
+    "check_block_scales",
+    "check_group_scales",
     "block_grid",
     "block_amax",
     "group_amax",
@@ -52,47 +63,75 @@ AMAX_FLOOR = 1e-10
 BLOCK_SIZE = (128, 128)
 GROUP_SIZE = 128
 SCALE_FMTS = ("fp32", "ue8m0")
-_FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+#: dtypes the quantizers take as input.
+FLOAT_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def _label(name: str | None, default: str) -> str:
+def label(name: str | None, default: str) -> str:
+    """How error messages name a tensor: ``"tensor 'name'"``, or ``default`` when unnamed."""
     return f"tensor {name!r}" if name else default
 
 
-def _check_float_input(x: torch.Tensor, name: str | None, what: str) -> None:
+def check_float_input(x: torch.Tensor, name: str | None, what: str) -> None:
+    """Raise ``TypeError`` unless ``x`` is a tensor of a ``FLOAT_INPUT_DTYPES`` dtype."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{_label(name, what)}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_INPUTS:
-        hint = " (it is already FP8: dequantize it first)" if x.dtype in _FP8_DTYPES else ""
+        raise TypeError(f"{label(name, what)}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_INPUT_DTYPES:
+        hint = " (it is already FP8: dequantize it first)" if x.dtype in FP8_DTYPES else ""
         raise TypeError(
-            f"{_label(name, what)}: expected float32, bfloat16, float16 or float64, "
+            f"{label(name, what)}: expected float32, bfloat16, float16 or float64, "
             f"got {x.dtype}{hint}"
         )
 
 
-def _check_fp8_input(q: torch.Tensor, name: str | None, what: str) -> None:
+def check_fp8_input(q: torch.Tensor, name: str | None, what: str) -> None:
+    """Raise ``TypeError`` unless ``q`` is a tensor of an FP8 dtype (``FP8_DTYPES``)."""
     if not isinstance(q, torch.Tensor):
-        raise TypeError(f"{_label(name, what)}: expected a torch.Tensor, got {type(q).__name__}")
-    if q.dtype not in _FP8_DTYPES:
+        raise TypeError(f"{label(name, what)}: expected a torch.Tensor, got {type(q).__name__}")
+    if q.dtype not in FP8_DTYPES:
         hint = " (raw codes: call .view(torch.float8_e4m3fn) first)" if q.dtype == torch.uint8 else ""
         raise TypeError(
-            f"{_label(name, what)}: expected torch.float8_e4m3fn or float8_e5m2, got {q.dtype}{hint}"
+            f"{label(name, what)}: expected torch.float8_e4m3fn or float8_e5m2, got {q.dtype}{hint}"
         )
 
 
-def _check_block_size(block_size: tuple[int, int]) -> tuple[int, int]:
+def check_block_size(block_size: tuple[int, int]) -> tuple[int, int]:
+    """``(bm, bn)`` as ints; ``ValueError`` unless two positive integers."""
     if len(block_size) != 2 or any(int(b) != b or b < 1 for b in block_size):
         raise ValueError(f"block_size must be two positive integers, got {block_size!r}")
     return int(block_size[0]), int(block_size[1])
 
 
-def _check_scale_fmt(scale_fmt: str) -> None:
+def check_scale_fmt(scale_fmt: str) -> None:
+    """Raise ``ValueError`` unless ``scale_fmt`` is one of ``SCALE_FMTS``."""
     if scale_fmt not in SCALE_FMTS:
         raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
+
+
+def check_block_scales(shape: tuple[int, int], scale: torch.Tensor, block: tuple[int, int],
+                       name: str | None) -> tuple[int, int]:
+    """Raise ``ValueError`` unless ``scale`` has the block grid of an ``[M, N]`` weight with
+    ``bm x bn`` blocks, ``(ceil(M/bm), ceil(N/bn))``; returns that grid."""
+    grid = block_grid(tuple(shape), tuple(block))
+    if tuple(scale.shape) != grid:
+        raise ValueError(
+            f"{label(name, 'weight')}: scale shape {tuple(scale.shape)} does not match weight "
+            f"shape {tuple(shape)} with {block[0]}x{block[1]} blocks (expected {grid})")
+    return grid
+
+
+def check_group_scales(shape: tuple[int, ...], scale: torch.Tensor, group_size: int,
+                       name: str | None) -> tuple[int, ...]:
+    """Raise ``ValueError`` unless ``scale`` has the group shape of a ``[..., K]`` activation,
+    ``[..., ceil(K/g)]``; returns that shape."""
+    expected = tuple(shape[:-1]) + (math.ceil(shape[-1] / group_size),)
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"{label(name, 'activation')}: scale shape {tuple(scale.shape)} does not "
+                         f"match {tuple(shape)} with groups of {group_size} (expected {expected})")
+    return expected
 
 
 def block_grid(shape: tuple[int, int], block_size: tuple[int, int] = BLOCK_SIZE) -> tuple[int, int]:
@@ -100,8 +139,9 @@ def block_grid(shape: tuple[int, int], block_size: tuple[int, int] = BLOCK_SIZE)
     return math.ceil(shape[0] / block_size[0]), math.ceil(shape[1] / block_size[1])
 
 
-def _raise_nonfinite_block(amax: torch.Tensor, shape: tuple[int, int], block: tuple[int, int],
-                           name: str | None) -> None:
+def raise_nonfinite_block(amax: torch.Tensor, shape: tuple[int, int], block: tuple[int, int],
+                          name: str | None) -> None:
+    """Raise the error naming the first block of ``amax`` (a block-amax grid) that is not finite."""
     bad = torch.nonzero(~torch.isfinite(amax))
     i, j = (int(v) for v in bad[0])
     bm, bn = block
@@ -109,19 +149,20 @@ def _raise_nonfinite_block(amax: torch.Tensor, shape: tuple[int, int], block: tu
     c0, c1 = j * bn, min((j + 1) * bn, shape[1])
     more = f" (and {len(bad) - 1} more blocks)" if len(bad) > 1 else ""
     raise ValueError(
-        f"{_label(name, 'weight')} has NaN or Inf in block ({i}, {j}): rows {r0}:{r1}, "
+        f"{label(name, 'weight')} has NaN or Inf in block ({i}, {j}): rows {r0}:{r1}, "
         f"columns {c0}:{c1}{more}. Fix the source weights, or pass allow_nonfinite=True to "
         f"scale from the finite values (NaN stays NaN, Inf saturates)."
     )
 
 
-def _raise_nonfinite_group(amax: torch.Tensor, k: int, group: int, name: str | None) -> None:
+def raise_nonfinite_group(amax: torch.Tensor, k: int, group: int, name: str | None) -> None:
+    """Raise the error naming the first group of ``amax`` (``[..., ceil(K/g)]``) not finite."""
     bad = torch.nonzero(~torch.isfinite(amax))
     idx = tuple(int(v) for v in bad[0])
     j = idx[-1]
     more = f" (and {len(bad) - 1} more groups)" if len(bad) > 1 else ""
     raise ValueError(
-        f"{_label(name, 'activation')} has NaN or Inf at token index {idx[:-1]}, "
+        f"{label(name, 'activation')} has NaN or Inf at token index {idx[:-1]}, "
         f"channels {j * group}:{min((j + 1) * group, k)}{more}. Pass allow_nonfinite=True "
         f"to quantize the finite values anyway."
     )
@@ -184,7 +225,7 @@ def expand_block_scales(scale: torch.Tensor, shape: tuple[int, int],
 # ----------------------------------------------------------------------------- weights
 
 
-def quantize_with_block_scales(w: torch.Tensor, scale_inv: torch.Tensor,
+def quantize_with_block_scales(w: torch.Tensor, scale: torch.Tensor,
                                block_size: tuple[int, int] = BLOCK_SIZE,
                                fmt: FP8Format | str = E4M3) -> torch.Tensor:
     """Codes of ``w`` for given block scales: ``cast_fp8(w.float() / s)``, ``[M, N]`` -> fp8.
@@ -193,14 +234,14 @@ def quantize_with_block_scales(w: torch.Tensor, scale_inv: torch.Tensor,
     are the caller's, the division is fp32, the cast rounds to nearest even and saturates.
     """
     fmt = get_format(fmt)
-    bm, bn = _check_block_size(block_size)
+    bm, bn = check_block_size(block_size)
     m, n = w.shape
     p = _pad2d(w.float(), bm, bn)
     gm, gn = p.shape[0] // bm, p.shape[1] // bn
-    if tuple(scale_inv.shape) != (gm, gn):
-        raise ValueError(f"scale grid {tuple(scale_inv.shape)} does not match weight {tuple(w.shape)} "
+    if tuple(scale.shape) != (gm, gn):
+        raise ValueError(f"scale grid {tuple(scale.shape)} does not match weight {tuple(w.shape)} "
                          f"with blocks {block_size}: expected {(gm, gn)}")
-    x = p.view(gm, bm, gn, bn) / scale_inv.float().view(gm, 1, gn, 1)
+    x = p.view(gm, bm, gn, bn) / scale.float().view(gm, 1, gn, 1)
     return to_fp8(x.view(gm * bm, gn * bn)[:m, :n], fmt)
 
 
@@ -226,22 +267,22 @@ def quantize_blockwise(
         name: the tensor's name, used in error messages.
 
     Returns:
-        ``(q, scale_inv)``: ``q`` is ``[M, N]`` in ``fmt.torch_dtype``; ``scale_inv`` is
-        ``[ceil(M/bm), ceil(N/bn)]`` float32 with ``w ~= q * scale_inv`` per block.
+        ``(q, scale)``: ``q`` is ``[M, N]`` in ``fmt.torch_dtype``; ``scale`` is
+        ``[ceil(M/bm), ceil(N/bn)]`` float32 with ``w ~= q * scale`` per block.
     """
-    _check_float_input(w, name, "weight")
+    check_float_input(w, name, "weight")
     if w.dim() != 2:
-        raise ValueError(f"{_label(name, 'weight')}: block-wise quantization needs a 2-D tensor, "
+        raise ValueError(f"{label(name, 'weight')}: block-wise quantization needs a 2-D tensor, "
                          f"got shape {tuple(w.shape)}")
     if w.numel() == 0:
-        raise ValueError(f"{_label(name, 'weight')}: empty tensor of shape {tuple(w.shape)}")
-    _check_scale_fmt(scale_fmt)
+        raise ValueError(f"{label(name, 'weight')}: empty tensor of shape {tuple(w.shape)}")
+    check_scale_fmt(scale_fmt)
     fmt = get_format(fmt)
-    block = _check_block_size(block_size)
+    block = check_block_size(block_size)
     amax = block_amax(w, block)
     if not bool(torch.isfinite(amax).all()):
         if not allow_nonfinite:
-            _raise_nonfinite_block(amax, tuple(w.shape), block, name)
+            raise_nonfinite_block(amax, tuple(w.shape), block, name)
         amax = block_amax(_finite_or_zero(w), block)
     scale = scale_from_amax(amax, fmt, scale_fmt, amax_floor)
     return quantize_with_block_scales(w, scale, block, fmt), scale
@@ -249,33 +290,28 @@ def quantize_blockwise(
 
 def dequantize_blockwise(
     q: torch.Tensor,
-    scale_inv: torch.Tensor,
+    scale: torch.Tensor,
     block_size: tuple[int, int] = BLOCK_SIZE,
     dtype: torch.dtype = torch.bfloat16,
     *,
     name: str | None = None,
 ) -> torch.Tensor:
-    """``w = q.float() * scale_inv`` per block, cast to ``dtype``.
+    """``w = q.float() * scale`` per block, cast to ``dtype``.
 
     Args:
         q: ``[M, N]`` float8_e4m3fn or float8_e5m2.
-        scale_inv: ``[ceil(M/bm), ceil(N/bn)]`` (any float dtype; used as fp32).
+        scale: ``[ceil(M/bm), ceil(N/bn)]`` (any float dtype; used as fp32).
     Returns:
         ``[M, N]`` tensor of ``dtype``.
     """
-    _check_fp8_input(q, name, "weight")
+    check_fp8_input(q, name, "weight")
     if q.dim() != 2:
-        raise ValueError(f"{_label(name, 'weight')}: expected a 2-D tensor, got shape {tuple(q.shape)}")
-    bm, bn = _check_block_size(block_size)
+        raise ValueError(f"{label(name, 'weight')}: expected a 2-D tensor, got shape {tuple(q.shape)}")
+    bm, bn = check_block_size(block_size)
     m, n = q.shape
-    grid = block_grid((m, n), (bm, bn))
-    if tuple(scale_inv.shape) != grid:
-        raise ValueError(
-            f"{_label(name, 'weight')}: scale shape {tuple(scale_inv.shape)} does not match weight "
-            f"shape {(m, n)} with {bm}x{bn} blocks (expected {grid})"
-        )
+    grid = check_block_scales((m, n), scale, (bm, bn), name)
     p = _pad2d(q.float(), bm, bn)
-    x = p.view(grid[0], bm, grid[1], bn) * scale_inv.float().view(grid[0], 1, grid[1], 1)
+    x = p.view(grid[0], bm, grid[1], bn) * scale.float().view(grid[0], 1, grid[1], 1)
     return x.view(grid[0] * bm, grid[1] * bn)[:m, :n].to(dtype)
 
 
@@ -301,19 +337,19 @@ def quantize_groupwise(
         ``(q, scale)``: ``q`` of ``x``'s shape in ``fmt.torch_dtype``; ``scale`` float32 of shape
         ``x.shape[:-1] + (ceil(K/group_size),)`` with ``x ~= q * scale`` per group.
     """
-    _check_float_input(x, name, "activation")
+    check_float_input(x, name, "activation")
     if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{_label(name, 'activation')}: needs a non-empty last dimension, "
+        raise ValueError(f"{label(name, 'activation')}: needs a non-empty last dimension, "
                          f"got shape {tuple(x.shape)}")
     if int(group_size) != group_size or group_size < 1:
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-    _check_scale_fmt(scale_fmt)
+    check_scale_fmt(scale_fmt)
     fmt = get_format(fmt)
     k = x.shape[-1]
     amax = group_amax(x, group_size)
     if not bool(torch.isfinite(amax).all()):
         if not allow_nonfinite:
-            _raise_nonfinite_group(amax, k, group_size, name)
+            raise_nonfinite_group(amax, k, group_size, name)
         amax = group_amax(_finite_or_zero(x), group_size)
     scale = scale_from_amax(amax, fmt, scale_fmt, amax_floor)
     p = _padlast(x.float(), group_size)
@@ -334,12 +370,9 @@ def dequantize_groupwise(
 
     Shapes: ``q`` ``[..., K]``, ``scale`` ``[..., ceil(K/group_size)]``.
     """
-    _check_fp8_input(q, name, "activation")
+    check_fp8_input(q, name, "activation")
     k = q.shape[-1]
-    expected = tuple(q.shape[:-1]) + (math.ceil(k / group_size),)
-    if tuple(scale.shape) != expected:
-        raise ValueError(f"{_label(name, 'activation')}: scale shape {tuple(scale.shape)} does not "
-                         f"match {tuple(q.shape)} with groups of {group_size} (expected {expected})")
+    check_group_scales(tuple(q.shape), scale, group_size, name)
     p = _padlast(q.float(), group_size)
     x = p.view(*p.shape[:-1], -1, group_size) * scale.float().unsqueeze(-1)
     return x.view(p.shape)[..., :k].to(dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,13 +20,14 @@ from safetensors.torch import load_file, save_file
 import finefp8
 from finefp8.checkpoint import CheckpointError, CheckpointReader, dequantized_weight, scale_key
 from finefp8.checkpoint import convert as conv
+from finefp8.checkpoint import workers as wk
 from finefp8.checkpoint.convert import (
     MANIFEST_NAME,
     ConversionError,
     dequantize_checkpoint,
     quantize_checkpoint,
 )
-from finefp8.checkpoint.writer import WriteError
+from finefp8.checkpoint.writer import ShardWriter, WriteError
 from finefp8.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -48,7 +50,7 @@ def src(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def quantized(src, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("q") / "out"
-    quantize_checkpoint(src, out, progress=False)
+    quantize_checkpoint(src, out, progress=False, tp=())
     return out
 
 
@@ -67,7 +69,8 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 def _max_rel_bound_violation(w: torch.Tensor, wq: torch.Tensor, s: torch.Tensor) -> float:
     """max over elements of |w - w~| - (2^-4 |w| + 2^-10 s + 2^-21 |w|), the per-element bound
     of docs/numerics.md section 3 for fp32 output (<= 0 when the bound holds)."""
-    se = finefp8.quantization.expand_block_scales(s, tuple(w.shape))
+    m, n = w.shape
+    se = s.repeat_interleave(128, 0)[:m].repeat_interleave(128, 1)[:, :n]
     bound = w.abs() * (2 ** -4 + 2 ** -21) + se * 2 ** -10
     return float(((w - wq).abs() - bound).max())
 
@@ -107,13 +110,48 @@ def test_quantize_layout_and_config(src, quantized):
     assert not list(quantized.glob("*.partial"))
 
 
-def test_quantized_codes_equal_ops(src, quantized):
-    """The streamed codes and scales are exactly ops.quantize_blockwise of the whole tensor."""
+def _ref_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """Round float64 ``x`` to the nearest E4M3 value (ties to even), saturating at 448:
+    3 mantissa bits, normals from 2^-6, subnormal step 2^-9. Written from the OCP FP8 spec,
+    independent of finefp8 and of torch's fp8 cast."""
+    v = x.abs().clamp(max=448.0)
+    e = torch.floor(torch.log2(v.clamp(min=2.0 ** -6)))
+    step = torch.exp2(e - 3)
+    q = torch.round(v / step) * step  # torch.round: half to even
+    return torch.sign(x) * q.clamp(max=448.0)
+
+
+def _ref_quantize(w: torch.Tensor, scale_fmt: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reference of 128x128 block quantization: ``s = max(amax, 1e-10) / 448`` rounded
+    to fp32 (ue8m0: up to a power of two), codes = E4M3(fp32(w / s)). Returns (code values as
+    float64, scales as float32)."""
+    m, n = w.shape
+    wd = w.double()
+    gm, gn = -(-m // 128), -(-n // 128)
+    s = torch.empty(gm, gn, dtype=torch.float64)
+    codes = torch.empty(m, n, dtype=torch.float64)
+    for i in range(gm):
+        for j in range(gn):
+            blk = wd[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            si = float(torch.tensor(max(float(blk.abs().max()), 1e-10) / 448.0,
+                                    dtype=torch.float32))
+            if scale_fmt == "ue8m0":
+                mant, ex = math.frexp(si)
+                si = math.ldexp(1.0, ex - 1) if mant == 0.5 else math.ldexp(1.0, ex)
+            s[i, j] = si
+            x = (blk / si).float().double()  # the division is rounded to fp32
+            codes[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = _ref_e4m3(x)
+    return codes, s.float()
+
+
+def test_quantized_codes_match_float64_reference(src, quantized):
+    """The streamed codes and scales equal a hand-written float64 reference of the format."""
     t_in, t_out = _all_tensors(src), _all_tensors(quantized)
-    for k in ("model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
-        q, s = finefp8.quantize_blockwise(t_in[k])
-        assert torch.equal(q.view(torch.uint8), t_out[k].view(torch.uint8))
-        assert torch.equal(s, t_out[scale_key(k, "fp8")])
+    for k in ("model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+              "model.layers.1.self_attn.o_proj.weight"):
+        codes, s = _ref_quantize(t_in[k])
+        assert torch.equal(t_out[k].double(), codes), k
+        assert torch.equal(s, t_out[scale_key(k, "fp8")]), k
 
 
 def test_zero_weight_has_finite_scale_and_zero_codes(quantized):
@@ -147,21 +185,21 @@ def test_round_trip(src, quantized, tmp_path):
 
 def test_chunked_equals_whole(src, quantized, tmp_path, monkeypatch):
     """Row-range chunks (128 rows) give the same bytes as whole-tensor processing."""
-    monkeypatch.setattr(conv, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(wk, "CHUNK_ELEMENTS", 1)
     out = tmp_path / "chunked"
-    quantize_checkpoint(src, out, progress=False)
+    quantize_checkpoint(src, out, progress=False, tp=())
     for f in quantized.glob("*.safetensors"):
         assert f.read_bytes() == (out / f.name).read_bytes(), f.name
     d1, d2 = tmp_path / "d1", tmp_path / "d2"
     dequantize_checkpoint(out, d1, progress=False)
-    monkeypatch.setattr(conv, "CHUNK_ELEMENTS", 8 * 1024 * 1024)
+    monkeypatch.setattr(wk, "CHUNK_ELEMENTS", 8 * 1024 * 1024)
     dequantize_checkpoint(out, d2, progress=False)
     assert _tree_bytes(d1) == _tree_bytes(d2)
 
 
 def test_compressed_tensors_layout(src, tmp_path):
     out = tmp_path / "ct"
-    quantize_checkpoint(src, out, fmt="compressed-tensors", progress=False)
+    quantize_checkpoint(src, out, layout="compressed-tensors", progress=False, tp=())
     t = _all_tensors(out)
     k = "model.layers.0.mlp.down_proj.weight"
     assert t[k].dtype == torch.float8_e4m3fn and t[k + "_scale"].dtype == torch.float32
@@ -185,24 +223,23 @@ def test_compressed_tensors_layout(src, tmp_path):
 
 def test_ue8m0_scales(src, tmp_path):
     out = tmp_path / "ue"
-    quantize_checkpoint(src, out, scale_fmt="ue8m0", progress=False)
+    quantize_checkpoint(src, out, scale_fmt="ue8m0", progress=False, tp=())
     t = _all_tensors(out)
     s = t["model.layers.0.mlp.up_proj.weight_scale_inv"]
     m, _ = torch.frexp(s)
     assert bool((m == 0.5).all())
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["scale_fmt"] == "ue8m0"
-    q, s_ref = finefp8.quantize_blockwise(_all_tensors(src)["model.layers.0.mlp.up_proj.weight"],
-                                          scale_fmt="ue8m0")
+    codes, s_ref = _ref_quantize(_all_tensors(src)["model.layers.0.mlp.up_proj.weight"],
+                                 scale_fmt="ue8m0")
     assert torch.equal(s, s_ref)
-    codes = t["model.layers.0.mlp.up_proj.weight"].view(torch.uint8)
-    assert torch.equal(q.view(torch.uint8), codes)
+    assert torch.equal(t["model.layers.0.mlp.up_proj.weight"].double(), codes)
 
 
 def test_ignore_patterns_and_router_vs_gate_proj(src, tmp_path):
     out = tmp_path / "ign"
     quantize_checkpoint(src, out, ignore=["*.down_proj", "re:model\\.layers\\.1\\.self_attn\\.q"],
-                        progress=False)
+                        progress=False, tp=())
     t = _all_tensors(out)
     assert t["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
     assert t["model.layers.1.mlp.experts.0.down_proj.weight"].dtype == torch.bfloat16
@@ -230,7 +267,7 @@ def test_single_file_checkpoint_and_lm_head(tmp_path):
 
 def test_workers_give_identical_output(src, quantized, tmp_path):
     out = tmp_path / "par"
-    quantize_checkpoint(src, out, workers=2, progress=False)
+    quantize_checkpoint(src, out, workers=2, progress=False, tp=())
     assert _tree_bytes(out) == _tree_bytes(quantized)
 
 
@@ -258,7 +295,9 @@ def test_dequantize_scale_in_another_shard(tmp_path):
     with CheckpointReader(root) as r:
         assert r.shard_of("model.layers.0.mlp.down_proj.weight_scale_inv") == "b.safetensors"
         ref = dequantized_weight(r, "model.layers.0.mlp.down_proj.weight", torch.float32)
-    assert torch.equal(ref, finefp8.dequantize_blockwise(q, s, dtype=torch.float32))
+    # float64 reference: each code times its block's scale (exact in float64), rounded once
+    expanded = s.double().repeat_interleave(128, 0)[:576].repeat_interleave(128, 1)[:, :1536]
+    assert torch.equal(ref, (q.double() * expanded).float())
     out = tmp_path / "bf16"
     assert main(["dequantize", str(root), str(out), "--quiet"]) == 0
     t = _all_tensors(out)
@@ -281,8 +320,8 @@ def slow(self, key, data):
         time.sleep(0.3)
     return orig(self, key, data)
 w.ShardWriter.write = slow
-from finefp8.cli import main
-sys.exit(main(["quantize", sys.argv[1], sys.argv[2], "--quiet"]))
+from finefp8.checkpoint.convert import quantize_checkpoint
+quantize_checkpoint(sys.argv[1], sys.argv[2], progress=False, tp=())
 """
 
 
@@ -308,10 +347,10 @@ def test_sigkill_midway_then_resume_is_byte_identical(src, quantized, tmp_path):
     assert list(manifest["done"]) == ["model-00001-of-00003.safetensors"]
     assert not (out / "config.json").exists()
     assert not (out / "model.safetensors.index.json").exists()
-    res = quantize_checkpoint(src, out, progress=False)
+    res = quantize_checkpoint(src, out, progress=False, tp=())
     assert res.shards_resumed == 1
     assert _tree_bytes(out) == _tree_bytes(quantized)
-    again = quantize_checkpoint(src, out, progress=False)
+    again = quantize_checkpoint(src, out, progress=False, tp=())
     assert again.already_complete
 
 
@@ -330,7 +369,7 @@ def test_enospc_leaves_nothing_marked_complete(src, quantized, tmp_path, monkeyp
         def __getattr__(self, name):
             return getattr(self.f, name)
 
-    orig_enter = conv.ShardWriter.__enter__
+    orig_enter = ShardWriter.__enter__
 
     def enter(self):
         r = orig_enter(self)
@@ -338,17 +377,17 @@ def test_enospc_leaves_nothing_marked_complete(src, quantized, tmp_path, monkeyp
             self._f = FullFile(self._f)
         return r
 
-    monkeypatch.setattr(conv.ShardWriter, "__enter__", enter)
+    monkeypatch.setattr(ShardWriter, "__enter__", enter)
     with pytest.raises(WriteError, match="no space left on device while writing model-00002"):
-        quantize_checkpoint(src, out, progress=False)
+        quantize_checkpoint(src, out, progress=False, tp=())
     assert not list(out.glob("*.partial"))
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["status"] == "in-progress"
     assert "model-00002-of-00003.safetensors" not in manifest["done"]
     assert not (out / "model-00002-of-00003.safetensors").exists()
     assert not (out / "config.json").exists()
-    monkeypatch.setattr(conv.ShardWriter, "__enter__", orig_enter)
-    quantize_checkpoint(src, out, progress=False)
+    monkeypatch.setattr(ShardWriter, "__enter__", orig_enter)
+    quantize_checkpoint(src, out, progress=False, tp=())
     assert _tree_bytes(out) == _tree_bytes(quantized)
 
 
@@ -371,7 +410,7 @@ def test_refuse_truncated_shard(src, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     shard.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     with pytest.raises(CheckpointError, match="model-00002-of-00003.safetensors: corrupt"):
-        quantize_checkpoint(bad, tmp_path / "out", progress=False)
+        quantize_checkpoint(bad, tmp_path / "out", progress=False, tp=())
 
 
 def test_refuse_already_fp8(quantized, tmp_path, capsys):
@@ -393,16 +432,18 @@ def test_refuse_non_empty_out(src, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not empty" in err and "--overwrite" in err
     assert (out / "precious.txt").read_text() == "keep me"
-    assert main(["quantize", str(src), str(out), "--quiet", "--overwrite"]) == 0
-    assert not (out / "precious.txt").exists()
+    assert main(["quantize", str(src), str(out), "--quiet", "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "removes only files a finefp8 conversion wrote" in err and "precious.txt" in err
+    assert (out / "precious.txt").read_text() == "keep me"
 
 
 def test_refuse_resume_with_other_options(src, tmp_path):
     out = tmp_path / "out"
-    quantize_checkpoint(src, out, progress=False)
+    quantize_checkpoint(src, out, progress=False, tp=())
     with pytest.raises(ConversionError, match="other options"):
-        quantize_checkpoint(src, out, scale_fmt="ue8m0", progress=False)
-    res = quantize_checkpoint(src, out, scale_fmt="ue8m0", overwrite=True, progress=False)
+        quantize_checkpoint(src, out, scale_fmt="ue8m0", progress=False, tp=())
+    res = quantize_checkpoint(src, out, scale_fmt="ue8m0", overwrite=True, progress=False, tp=())
     assert not res.already_complete
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["scale_fmt"] == "ue8m0"
@@ -410,7 +451,7 @@ def test_refuse_resume_with_other_options(src, tmp_path):
 
 def test_refuse_out_inside_in(src):
     with pytest.raises(ConversionError, match="outside IN"):
-        quantize_checkpoint(src, src / "sub", progress=False)
+        quantize_checkpoint(src, src / "sub", progress=False, tp=())
 
 
 def test_refuse_nan_names_tensor_and_block(tmp_path, capsys):
@@ -439,13 +480,13 @@ def test_refuse_insufficient_disk(src, tmp_path, monkeypatch, capsys):
 
 def test_refuse_ct_with_ue8m0(src, tmp_path):
     with pytest.raises(ConversionError, match="ue8m0"):
-        quantize_checkpoint(src, tmp_path / "o", fmt="compressed-tensors", scale_fmt="ue8m0",
-                            progress=False)
+        quantize_checkpoint(src, tmp_path / "o", layout="compressed-tensors", scale_fmt="ue8m0",
+                            progress=False, tp=())
 
 
 def test_refuse_dequantize_non_fp8_compressed_tensors(src, tmp_path):
     out = tmp_path / "ct"
-    quantize_checkpoint(src, out, fmt="compressed-tensors", progress=False)
+    quantize_checkpoint(src, out, layout="compressed-tensors", progress=False, tp=())
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"]["format"] = "pack-quantized"
     (out / "config.json").write_text(json.dumps(cfg))
@@ -453,11 +494,60 @@ def test_refuse_dequantize_non_fp8_compressed_tensors(src, tmp_path):
         dequantize_checkpoint(out, tmp_path / "deq", progress=False)
 
 
-def test_pytorch_bin_weights_are_not_copied(tmp_path):
+def test_other_weight_formats_are_not_copied(tmp_path):
+    """Copies of the weights in other serializations (PyTorch pickles, GGUF, ONNX, a Meta
+    ``original/consolidated.pth``) stay behind; other files, in folders too, are copied."""
     src = write_checkpoint(tmp_path / "in", llama_tensors(seed=9), n_shards=1)
-    (src / "pytorch_model.bin").write_bytes(b"old weights")
+    others = ["pytorch_model.bin", "model.Q4_K_M.gguf", "onnx/model.onnx",
+              "original/consolidated.00.pth", "flax_model.msgpack", "tf_model.h5"]
+    for rel in others:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(b"the same weights again")
     (src / "sub").mkdir()
     (src / "sub" / "notes.txt").write_text("kept")
-    quantize_checkpoint(src, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out" / "pytorch_model.bin").exists()
+    quantize_checkpoint(src, tmp_path / "out", progress=False, tp=())
+    for rel in others:
+        assert not (tmp_path / "out" / rel).exists(), rel
     assert (tmp_path / "out" / "sub" / "notes.txt").read_text() == "kept"
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+
+
+def test_layout_keyword_and_deprecated_aliases(src, tmp_path, capsys):
+    """``layout=`` / ``--layout`` name the on-disk layout; ``fmt=`` / ``--format`` still work
+    (deprecated) and give the same bytes."""
+    from finefp8.checkpoint.layout import FORMATS, LAYOUTS
+
+    assert LAYOUTS == ("fp8", "compressed-tensors") and FORMATS == LAYOUTS
+    new, old = tmp_path / "new", tmp_path / "old"
+    quantize_checkpoint(src, new, layout="compressed-tensors", progress=False, tp=())
+    with pytest.warns(DeprecationWarning, match="layout"):
+        quantize_checkpoint(src, old, fmt="compressed-tensors", progress=False, tp=())
+    assert _tree_bytes(new) == _tree_bytes(old)
+    cli = tmp_path / "cli"
+    assert main(["quantize", str(src), str(cli), "--format", "compressed-tensors", "--quiet",
+                 "--no-serving-check"]) == 0
+    assert "--format is deprecated" in capsys.readouterr().err
+    t = _all_tensors(cli)
+    assert "model.layers.0.mlp.down_proj.weight_scale" in t
+    with pytest.raises(ConversionError, match="unknown --layout"):
+        quantize_checkpoint(src, tmp_path / "bad", layout="gguf", progress=False, tp=())
+
+
+def test_library_default_serves_at_tp1(src, tmp_path):
+    """``quantize_checkpoint`` defaults to TP 1 like the command: the fixture's q/k/v groups
+    (q has 576 rows, not a multiple of 128, so an engine that fuses q/k/v would misplace the
+    k and v scales) stay in bf16, byte for byte, and are declared; nothing else is kept."""
+    quantize_checkpoint(src, tmp_path / "out", progress=False)
+    out = _all_tensors(tmp_path / "out")
+    inp = _all_tensors(src)
+    qkv = {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkv"}
+    for key, t in inp.items():
+        module = key.rsplit(".", 1)[0]
+        if module in qkv:
+            assert out[key].dtype == torch.bfloat16 and torch.equal(out[key], t), key
+            assert f"{module}.weight_scale_inv" not in out
+        elif key.endswith("o_proj.weight") or key.endswith("up_proj.weight"):
+            assert out[key].dtype == torch.float8_e4m3fn, key
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    kept = set(config["quantization_config"]["modules_to_not_convert"])
+    assert kept - qkv == {"lm_head", "model.layers.1.mlp.gate"}  # head and router, as always

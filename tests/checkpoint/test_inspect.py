@@ -23,7 +23,7 @@ from ckpt_utils import llama_tensors, write_checkpoint  # noqa: E402
 def quantized(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("insp")
     src = write_checkpoint(root / "in", llama_tensors(seed=2))
-    quantize_checkpoint(src, root / "out", progress=False)
+    quantize_checkpoint(src, root / "out", progress=False, tp=())
     return root / "out"
 
 
@@ -120,7 +120,7 @@ def test_inspect_cli_exit_codes_and_json(quantized, tmp_path, capsys):
     t = {"model.layers.0.mlp.down_proj.weight": torch.randn(512, 1024).bfloat16(),
          "model.layers.0.mlp.up_proj.weight": torch.randn(1024, 512).bfloat16()}
     good = write_checkpoint(tmp_path / "good", t, n_shards=1)
-    quantize_checkpoint(good, tmp_path / "goodq", progress=False)
+    quantize_checkpoint(good, tmp_path / "goodq", progress=False, tp=())
     assert main(["inspect", str(tmp_path / "goodq"), "--tp", "1,2,4"]) == 0
     assert main(["inspect", str(tmp_path / "goodq"), "--tp", "1,2,4,8,16"]) == 3
 

@@ -45,7 +45,7 @@ def test_transformers_loads_our_fp8_output(tmp_path):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     model = _tiny_llama(256, 512, heads=2, kv=1)
     model.save_pretrained(tmp_path / "bf16")
-    quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", progress=False)
+    quantize_checkpoint(tmp_path / "bf16", tmp_path / "fp8", progress=False, tp=())
     dequantize_checkpoint(tmp_path / "fp8", tmp_path / "deq", progress=False)
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "fp8")
     ours = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "deq", dtype=torch.bfloat16)
@@ -69,7 +69,7 @@ def test_compressed_tensors_decompresses_our_output(tmp_path):
     from compressed_tensors.quantization import QuantizationConfig
 
     src = write_checkpoint(tmp_path / "in", llama_tensors(seed=5))
-    quantize_checkpoint(src, tmp_path / "ct", fmt="compressed-tensors", progress=False)
+    quantize_checkpoint(src, tmp_path / "ct", layout="compressed-tensors", progress=False, tp=())
     cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
     qc = QuantizationConfig.model_validate(cfg["quantization_config"])
     assert qc.format == "float-quantized" and str(qc.quantization_status.value) == "compressed"

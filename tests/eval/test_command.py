@@ -13,11 +13,12 @@ from finefp8.eval.report import REPORT_FILES
 
 VARIANT_FIELDS = {"key", "label", "description", "config", "calibration", "kl", "top1", "ppl",
                   "ppl_rel_change", "resident_bytes", "resident_weight_bytes", "checkpoint_bytes",
-                  "wall_time_s", "quantize_time_s", "layers"}
+                  "wall_time_s", "quantize_time_s", "layers", "kl_sem", "top1_sem",
+                  "ppl_rel_change_ci", "vs_baseline"}
 LAYER_FIELDS = {"name", "shape", "weight_snr_db", "weight_rel_error", "act_snr_db", "act_rel_error",
                 "out_snr_db", "out_rel_error"}
 TOP_FIELDS = {"finefp8_version", "model", "text", "tokens", "window", "windows", "scored_tokens",
-              "layer_tokens", "calibration", "machine", "variants", "wall_time_s"}
+              "layer_tokens", "calibration", "machine", "variants", "wall_time_s", "uncertainty"}
 
 
 def _check_summary(summary: dict, tokens: int, window: int, n_layers: int) -> dict:
@@ -72,11 +73,19 @@ def test_eval_tiny_model_writes_every_file(tiny_model_dir, tiny_text_file, tmp_p
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "W8A8 per-tensor" in html
     md = (out / "report.md").read_text()
-    assert "![Accuracy by variant](metrics_by_variant.png)" in md
+    assert "![Accuracy by variant, with uncertainty](metrics_by_variant.png)" in md
+    w8a8 = by_key["w8a8"]
+    assert w8a8["kl_sem"] > 0 and w8a8["ppl_rel_change_ci"][0] < w8a8["ppl_rel_change_ci"][1]
+    assert by_key["w8a8_gptq"]["vs_baseline"]["baseline"] == "w8a8"
+    assert summary["uncertainty"]["blocks"] == 6  # 3 windows of 99 scored tokens, blocks of 64
 
 
 def test_eval_bad_input_messages(tiny_model_dir, tiny_text_file, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing"), "--no-report", "--quiet"]) == 1
+    assert "missing: no such file or directory, and not a Hugging Face Hub ID" in \
+        capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", str(tmp_path / "empty"), "--no-report", "--quiet"]) == 1
     assert "not a Hugging Face model folder" in capsys.readouterr().err
     assert main(["eval", str(tiny_model_dir), "--text", str(tiny_text_file), "--tokens",
                  "100000", "--no-report", "--quiet"]) == 1
@@ -89,7 +98,7 @@ def test_eval_fp8_checkpoint_as_model(tiny_model_dir, tiny_text_file, tmp_path, 
     from finefp8.checkpoint.convert import quantize_checkpoint
 
     ckpt = tmp_path / "fp8"
-    quantize_checkpoint(str(tiny_model_dir), str(ckpt), progress=False)
+    quantize_checkpoint(str(tiny_model_dir), str(ckpt), progress=False, tp=())
     rc = main(["eval", str(ckpt), "--text", str(tiny_text_file), "--tokens", "200", "--window",
                "100", "--variants", "w8a8", "weight_only", "--no-report", "--json", "--quiet"])
     captured = capsys.readouterr()

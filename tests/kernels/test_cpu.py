@@ -10,11 +10,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from finefp8 import gemm as G
 from finefp8 import ops
 from finefp8 import quantization as Q
 from finefp8.formats import E4M3, E5M2, decode, encode
-from finefp8.kernels import cpu
+from finefp8.kernels import cpu, cpu_build
+from finefp8.kernels.capabilities import OpCall
 
 needs_kernels = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels did not build")
 
@@ -159,10 +159,11 @@ def test_quantize_property_identical(m, n, log_mag, dtype, seed):
     _same_quant(cpu.quantize_groupwise(w), Q.quantize_groupwise(w))
 
 
-# The kernels quantize by a multiplication with r = fl(1/s) and redo with the true division
-# the lanes whose product lies near an E4M3 rounding midpoint (cpu_kernels.c,
-# quant_run_avx2). These tests put the quotient x / s within a few fp32 ulps of every
-# midpoint, where a plain reciprocal multiplication changes codes.
+# The kernels compute the code of the correctly rounded quotient fl(x / s): they divide, or
+# multiply by 1/s when s is a power of two (1/s is then exact, so the product is the quotient;
+# cpu_kernels.c, quant_run_avx2). These tests put x / s within a few fp32 ulps of every E4M3
+# rounding midpoint, where a multiplication by a rounded reciprocal fl(1/s) changes codes:
+# they would catch a kernel that took that shortcut.
 
 
 def _rows_with_amax(amax: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
@@ -297,20 +298,33 @@ def test_nonfinite_raises_the_reference_error(bad):
 
 
 @needs_kernels
-def test_unsupported_cases_run_the_reference():
+def test_kernels_refuse_inputs_outside_their_table():
+    """float64 inputs and E5M2 codes are not in the "cpu" table: the kernels raise with the
+    reason instead of running other code; argument errors are the reference's."""
     w = _weights((200, 300), torch.float64, seed=4)
-    _same_quant(cpu.quantize_blockwise(w), Q.quantize_blockwise(w))  # float64 input
-    q, s = cpu.quantize_blockwise(w.float(), fmt=E5M2)
-    q_ref, s_ref = Q.quantize_blockwise(w.float(), fmt=E5M2)
-    assert q.dtype == torch.float8_e5m2 and torch.equal(_codes(q), _codes(q_ref)) and torch.equal(s, s_ref)
+    with pytest.raises(ValueError, match=r"backend 'cpu' cannot run this call: input dtype "
+                                         r"torch.float64"):
+        cpu.quantize_blockwise(w)
+    with pytest.raises(ValueError, match="float64"):
+        cpu.quantize_groupwise(w)
+    with pytest.raises(ValueError, match="writes E4M3 codes only, not 'e5m2'"):
+        cpu.quantize_blockwise(w.float(), fmt=E5M2)
+    with pytest.raises(ValueError, match="writes E4M3 codes only"):
+        cpu.quantize_groupwise(w.float(), fmt="e5m2")
+    q5 = torch.zeros(200, 300, dtype=torch.float8_e5m2)
+    with pytest.raises(ValueError, match="float8_e5m2 is not float8_e4m3fn"):
+        cpu.dequantize_blockwise(q5, torch.ones(2, 3))
+    with pytest.raises(ValueError, match="reads E4M3 codes only"):
+        cpu.weight_only_linear(torch.randn(2, 300), q5, torch.ones(2, 3))
+    # the reference's own argument checks, same messages
     with pytest.raises(ValueError, match="2-D"):
-        cpu.quantize_blockwise(w[0])
+        cpu.quantize_blockwise(w.float()[0])
     with pytest.raises(ValueError, match="scale_fmt"):
-        cpu.quantize_blockwise(w, scale_fmt="e8m0")
+        cpu.quantize_blockwise(w.float(), scale_fmt="e8m0")
     with pytest.raises(TypeError, match="already FP8"):
-        cpu.quantize_groupwise(q)
+        cpu.quantize_groupwise(q5)
     with pytest.raises(ValueError, match="group_size"):
-        cpu.quantize_groupwise(w, 0)
+        cpu.quantize_groupwise(w.float(), 0)
 
 
 @needs_kernels
@@ -426,12 +440,37 @@ def test_weight_only_linear_bf16_and_leading_dims():
 
 
 @needs_kernels
-def test_weight_only_linear_nan_code_propagates():
+@pytest.mark.parametrize("tokens", [1, 2, 7, 16, cpu.FUSED_LINEAR_MAX_TOKENS])
+@pytest.mark.parametrize("shape,block", [((300, 700), (128, 128)), ((257, 129), (128, 128)),
+                                         ((100, 90), (50, 37)), ((70, 1000), (64, 256))])
+def test_weight_only_linear_bf16_matches_float64(shape, block, tokens):
+    """bf16 activations (the bf16 dot-product kernel where the CPU has AVX-512-BF16): every
+    product is exact and summed in fp32, so y is the float64 result rounded once to bf16,
+    up to fp32 summation error (bounded by 1e-5 of the sum of |products|)."""
+    n, k = shape
+    g = torch.Generator().manual_seed(n * k + tokens)
+    q, s = Q.quantize_blockwise(torch.randn(n, k, generator=g), block)
+    x = torch.randn(tokens, k, generator=g).to(torch.bfloat16)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    bm, bn = block
+    w64 = q.double() * s.double().repeat_interleave(bm, 0)[:n].repeat_interleave(bn, 1)[:, :k]
+    ref = x.double() @ w64.T + bias.double()
+    y = cpu.weight_only_linear(x, q, s, bias, block_size=block)
+    assert y.dtype == torch.bfloat16 and y.shape == (tokens, n)
+    bound = 2.0**-8 * ref.abs() + 1e-5 * (x.double().abs() @ w64.abs().T + bias.double().abs())
+    assert bool(((y.double() - ref).abs() <= bound).all())
+
+
+@needs_kernels
+@pytest.mark.parametrize("tokens", [1, 2, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_only_linear_nan_code_propagates(dtype, tokens):
     g = torch.Generator().manual_seed(5)
     q, s = Q.quantize_blockwise(torch.randn(8, 256, generator=g))
     codes = q.view(torch.uint8).clone()
     codes[3, 200] = 0xFF
-    y = cpu.weight_only_linear(torch.randn(2, 256, generator=g), codes.view(torch.float8_e4m3fn), s)
+    x = torch.randn(tokens, 256, generator=g).to(dtype)
+    y = cpu.weight_only_linear(x, codes.view(torch.float8_e4m3fn), s)
     assert torch.isnan(y[:, 3]).all() and torch.isfinite(y[:, [0, 1, 2, 4, 5, 6, 7]]).all()
 
 
@@ -445,9 +484,14 @@ def test_fp8_gemm_matches_float64(m, n, k):
     ref = Q.dequantize_groupwise(qa, sa, dtype=torch.float64) @ Q.dequantize_blockwise(qb, sb, dtype=torch.float64).T
     y = cpu.fp8_gemm(qa, sa, qb, sb, out_dtype=torch.float32)
     assert y.dtype == torch.float32 and _rel_fro(y, ref) < 1e-6
-    if m == 1:  # the accumulation emulator is the reference's (slow: one small case)
-        emulated = cpu.fp8_gemm(qa, sa, qb, sb, torch.float32, accum_bits=14)
-        assert torch.equal(emulated, G.fp8_gemm(qa, sa, qb, sb, torch.float32, accum_bits=14))
+    # the accumulation emulator exists only in the reference: refused here, "auto" sends it there
+    with pytest.raises(ValueError, match="accum_bits"):
+        cpu.fp8_gemm(qa, sa, qb, sb, torch.float32, accum_bits=14)
+    with pytest.raises(ValueError, match="promote_every=64"):
+        cpu.fp8_gemm(qa, sa, qb, sb, torch.float32, promote_every=64)
+    call = OpCall("fp8_gemm", torch.device("cpu"), qa.dtype, codes=(qa.dtype, qb.dtype),
+                      sizes=(128,), accum_bits=14, promote_every=128)
+    assert ops.select_backend("fp8_gemm", "cpu", call=call) == "reference"
     with pytest.raises(ValueError, match="a_scale"):
         cpu.fp8_gemm(qa, sa[:, :-1], qb, sb)
 
@@ -471,30 +515,39 @@ def test_ops_auto_picks_cpu_and_reference_can_be_forced(monkeypatch):
     _same_quant(ops.quantize_blockwise(w, backend="reference"), Q.quantize_blockwise(w))
 
 
+@needs_kernels
 def test_fallback_when_the_library_is_unavailable(monkeypatch):
-    monkeypatch.setattr(cpu, "_library", lambda: None)
+    """Without the C library "auto" runs the pure-torch code, a forced "cpu" raises, and the
+    results equal what the C kernels computed (two independent implementations) and, for the
+    linear layer, the float64 product."""
+    w = _weights((130, 260), torch.bfloat16, seed=2)
+    x = torch.randn(2, 260)
+    with_c = cpu.quantize_blockwise(w), cpu.quantize_groupwise(w)
+    monkeypatch.setattr(cpu_build, "_loaded", lambda: (None, "simulated: no library"))
     dev = torch.device("cpu")
     assert not cpu.available()
     assert ops.select_backend("quantize_blockwise", dev) == "reference"
-    with pytest.raises(RuntimeError, match="unavailable"):
+    with pytest.raises(RuntimeError, match="backend 'cpu' is unavailable: .*simulated"):
         ops.select_backend("quantize_blockwise", dev, "cpu")
-    w = _weights((130, 260), torch.bfloat16, seed=2)
-    _same_quant(cpu.quantize_blockwise(w), Q.quantize_blockwise(w))
-    _same_quant(cpu.quantize_groupwise(w), Q.quantize_groupwise(w))
-    q, s = Q.quantize_blockwise(w)
-    assert torch.equal(cpu.dequantize_blockwise(q, s), Q.dequantize_blockwise(q, s))
-    x = torch.randn(2, 260)
-    assert torch.equal(cpu.weight_only_linear(x, q, s),
-                       torch.nn.functional.linear(x, Q.dequantize_blockwise(q, s, dtype=torch.float32)))
+    with pytest.raises(RuntimeError, match="unavailable"):
+        ops.quantize_blockwise(w, backend="cpu")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        cpu.quantize_blockwise(w)
+    _same_quant(ops.quantize_blockwise(w), with_c[0])
+    _same_quant(ops.quantize_groupwise(w), with_c[1])
+    q, s = with_c[0]
+    y = ops.weight_only_linear(x, q, s)
+    want = x.double() @ (q.double() * s.double().repeat_interleave(128, 0)[:130]
+                         .repeat_interleave(128, 1)[:, :260]).T
+    assert _rel_fro(y, want) < 1e-6
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("FINEFP8_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setattr(cpu.shutil, "which", lambda name: None)
-    lib, why = cpu._load()
-    assert lib is None and "no C compiler" in why
-    cpu._built.cache_clear()
+    lib, why = cpu_build.load()
+    assert lib is None and "no C compiler" in why and "no-such-compiler" in why
+    cpu_build.reset()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -503,19 +556,41 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch, tmp_path):
         msgs = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
         assert len(msgs) == 1 and "pure-torch reference" in msgs[0] and "\n" not in msgs[0]
     finally:
-        cpu._built.cache_clear()
+        cpu_build.reset()
 
 
 def test_disable_environment_variable(monkeypatch):
     monkeypatch.setenv("FINEFP8_DISABLE_CPU_KERNELS", "1")
-    lib, why = cpu._load()
+    lib, why = cpu_build.load()
     assert lib is None and "FINEFP8_DISABLE_CPU_KERNELS" in why
 
 
 @needs_kernels
 def test_cpu_backend_rejects_what_it_cannot_run():
-    with pytest.raises(ValueError, match="needs CPU tensors"):
+    with pytest.raises(ValueError, match="tensors are on cuda; it runs on cpu"):
         ops.select_backend("quantize_blockwise", torch.device("cuda"), "cpu")
+
+
+@needs_kernels
+def test_python_thread_pool_path_gives_the_same_results(monkeypatch):
+    """Without OpenMP (a compiler without it, or a forked child) calls are split on the Python
+    thread pool: the same codes, scales and values as the OpenMP path."""
+    g = torch.Generator().manual_seed(21)
+    w = _weights((1024, 640), torch.bfloat16, seed=21)
+    x = torch.randn(9, 640, generator=g).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with_omp = (cpu.quantize_blockwise(w), cpu.quantize_groupwise(w))
+        qb, sb = with_omp[0]
+        more = (cpu.dequantize_blockwise(qb, sb), cpu.weight_only_linear(x, qb, sb))
+        monkeypatch.setattr(cpu_build, "openmp", lambda: False)
+        _same_quant(cpu.quantize_blockwise(w), with_omp[0])
+        _same_quant(cpu.quantize_groupwise(w), with_omp[1])
+        assert torch.equal(cpu.dequantize_blockwise(qb, sb), more[0])
+        assert torch.equal(cpu.weight_only_linear(x, qb, sb), more[1])
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_kernels
@@ -528,10 +603,13 @@ def test_quantize_into_preallocated_outputs():
     q, s = cpu.quantize_blockwise(w, out=out)
     assert q.data_ptr() == out[0].data_ptr() and torch.equal(out[1], s_ref)
     assert torch.equal(out[0], q_ref.view(torch.uint8))
-    # float64 input takes the reference path: the result still lands in ``out``.
-    out64 = (torch.empty(300, 520, dtype=torch.uint8), torch.empty(3, 5))
-    cpu.quantize_blockwise(w.double(), out=out64)
-    assert torch.equal(out64[0], q_ref.view(torch.uint8)) and torch.equal(out64[1], s_ref)
+    # a NaN input is handed to the reference (allow_nonfinite): the result still lands in out
+    wn = w.clone()
+    wn[5, 7] = float("nan")
+    outn = (torch.empty(300, 520, dtype=torch.uint8), torch.empty(3, 5))
+    cpu.quantize_blockwise(wn, out=outn, allow_nonfinite=True)
+    want_q, want_s = Q.quantize_blockwise(wn, allow_nonfinite=True)
+    assert torch.equal(outn[0], want_q.view(torch.uint8)) and torch.equal(outn[1], want_s)
     x = torch.randn(4, 7, 200, generator=g)
     xq_ref, xs_ref = cpu.quantize_groupwise(x)
     xout = (torch.empty(4, 7, 200, dtype=torch.uint8), torch.empty(4, 7, 2))

@@ -88,7 +88,7 @@ def test_kernel_limits():
     assert "E4M3" in K.act_quant_limit(x, 128, "e5m2")
     assert "dtype" in K.act_quant_limit(x.to(torch.int32), 128)
     assert K.weight_quant_limit(x, (128, 128)) is None
-    assert "powers of two" in K.weight_quant_limit(x, (128, 100))
+    assert "power of two" in K.weight_quant_limit(x, (128, 100))
     q = torch.zeros(2, 256, dtype=torch.float8_e4m3fn)
     assert K.weight_dequant_limit(q, (128, 128), torch.bfloat16) is None
     assert "output dtype" in K.weight_dequant_limit(q, (128, 128), torch.float64)

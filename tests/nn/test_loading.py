@@ -208,7 +208,7 @@ def test_loads_what_finefp8_quantize_writes(tmp_path, tiny_model, tokens, fmt):
 
     src, dst = tmp_path / "float", tmp_path / fmt
     tiny_model.save_pretrained(src)
-    quantize_checkpoint(src, dst, fmt=fmt, progress=False)
+    quantize_checkpoint(src, dst, layout=fmt, progress=False, tp=())
     model = finefp8.load(dst)
     assert len(fp8_modules(model)) == 14
     # The converter and quantize_model apply the same rule and the same math.

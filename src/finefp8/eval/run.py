@@ -14,25 +14,51 @@ Steps (each shown on the progress bar):
    perplexity (``metrics.TokenStats``), each variant's forward time summed.
 6. With ``save_variant``: that variant's model is written with ``finefp8.nn.save_fp8`` (the
    ``"fp8"`` checkpoint layout, with the tokenizer).
+7. Uncertainty: each variant's KL and top-1 standard errors over blocks of
+   ``DEFAULT_BLOCK_TOKENS`` scored tokens, a bootstrap interval of its perplexity change, and a
+   paired comparison with the DeepSeek-V3 baseline ``w8a8`` (``metrics.TokenStats``).
+
+Determinism: the whole run holds ``torch.use_deterministic_algorithms(True)``, oneDNN's
+deterministic mode and a fixed seed for torch's global generator (all restored afterwards);
+the bootstrap draws from its own seeded generator. With the same thread count (recorded in
+``machine.threads``) two runs on one machine give the same numbers; another thread count or
+another CPU may round sums differently.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .. import __version__
 from ..nn import fp8_modules, resident_bytes, save_fp8
+from ..nn.experts import FP8Experts
 from ..nn.saving import check_destination
 from ..quantization import BLOCK_SIZE
+from ..version import __version__
+from .metrics import (
+    DEFAULT_BLOCK_TOKENS,
+    DEFAULT_LEVEL,
+    DEFAULT_RESAMPLES,
+    DEFAULT_SEED,
+    ErrorSums,
+    TokenStats,
+    block_sem,
+)
 from .models import load_model
-from .metrics import ErrorSums, TokenStats
+from .moe import (
+    capture_expert_inputs,
+    collect_expert_hessians,
+    convertible_experts,
+    expert_layer_errors,
+    parameter_counts,
+)
 from .options import DEFAULT_CALIB_TOKENS, DEFAULT_LAYER_TOKENS, DEFAULT_TOKENS, DEFAULT_WINDOW
 from .text import calibration_windows, default_text, eval_windows, read_text_file, tokenize
 from .variants import (
@@ -55,7 +81,9 @@ class EvalOptions:
     """What ``evaluate`` runs.
 
     Attributes:
-        model: ``None`` for the embedded SmolLM2, else a HF folder or FP8 checkpoint folder.
+        model: ``None`` for the embedded SmolLM2, else a HF folder or FP8 checkpoint folder,
+            or a Hub ID ``org/name`` (``finefp8.hub``).
+        revision: the Hub revision of ``model`` (``None``: main).
         text: ``None`` for Python's documentation, else a UTF-8 text file.
         tokens: evaluation tokens (the first ``tokens`` of the text).
         window: tokens per window; each window is scored independently.
@@ -69,6 +97,7 @@ class EvalOptions:
     """
 
     model: str | None = None
+    revision: str | None = None
     text: str | None = None
     tokens: int = DEFAULT_TOKENS
     window: int = DEFAULT_WINDOW
@@ -150,6 +179,9 @@ def _layer_errors(reference: torch.nn.Module, variant_model: torch.nn.Module,
     fp8 = fp8_modules(variant_model)
     with torch.no_grad():
         for name, layer in fp8.items():
+            if isinstance(layer, FP8Experts):  # one row per expert group (finefp8.eval.moe)
+                rows += expert_layer_errors(reference, layer, name, inputs[name], quantizes_acts)
+                continue
             ref = reference.get_submodule(name)
             w = ref.weight.detach().float()
             x = inputs[name]
@@ -178,6 +210,63 @@ def _finite(v):
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
 
+#: Seed of torch's global generator during ``evaluate``.
+EVAL_SEED = 0
+#: The variant every other one is compared with, token by token, when it is in the run.
+BASELINE_VARIANT = "w8a8"
+
+
+def _deterministic(fn: Callable[[EvalOptions], dict]) -> Callable[[EvalOptions], dict]:
+    """Run ``fn`` with deterministic algorithms (torch and oneDNN) and a seeded global
+    generator; restore all three afterwards."""
+    @functools.wraps(fn)
+    def wrapper(options: EvalOptions) -> dict:
+        was = torch.are_deterministic_algorithms_enabled()
+        warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        onednn = torch.backends.mkldnn.deterministic
+        rng = torch.random.get_rng_state()
+        torch.use_deterministic_algorithms(True)
+        torch.backends.mkldnn.deterministic = True
+        torch.manual_seed(EVAL_SEED)
+        try:
+            return fn(options)
+        finally:
+            torch.use_deterministic_algorithms(was, warn_only=warn_only)
+            torch.backends.mkldnn.deterministic = onednn
+            torch.random.set_rng_state(rng)
+    return wrapper
+
+
+def _uncertainty(stats: dict[str, TokenStats], key: str) -> dict:
+    """The JSON fields of ``key``'s standard errors, interval and baseline comparison."""
+    if key == "reference":
+        return {"kl_sem": 0.0, "top1_sem": 0.0, "ppl_rel_change_ci": [0.0, 0.0],
+                "vs_baseline": None}
+    out = stats[key].uncertainty(stats["reference"])
+    vs = None
+    if BASELINE_VARIANT in stats and key != BASELINE_VARIANT:
+        vs = {"baseline": BASELINE_VARIANT, **stats[key].compare(stats[BASELINE_VARIANT])}
+    return _finite_tree({**out, "vs_baseline": vs})
+
+
+def _finite_tree(obj):
+    """``_finite`` applied to every float in nested dicts and lists."""
+    if isinstance(obj, dict):
+        return {k: _finite_tree(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_tree(v) for v in obj]
+    return _finite(obj)
+
+
+def _sem_by_block(stats: dict[str, TokenStats]) -> dict:
+    """Each variant's KL standard error with blocks of 1 (tokens independent), 16, 64 and 256
+    tokens: how much the correlation between neighbouring tokens widens it."""
+    return {k: {str(b): _finite(block_sem(torch.cat(s.kl_values), s.blocks(b)))
+                for b in (1, 16, 64, 256)}
+            for k, s in stats.items() if k != "reference"}
+
+
+@_deterministic
 def evaluate(options: EvalOptions) -> dict:
     """Run the evaluation described by ``options``; returns the JSON-ready summary.
 
@@ -196,14 +285,15 @@ def evaluate(options: EvalOptions) -> dict:
 
     steps.start("loading model", None)
     t0 = time.perf_counter()
-    loaded = load_model(options.model)
+    loaded = load_model(options.model, revision=options.revision)
     load_s = time.perf_counter() - t0
     reference = loaded.model
     source = default_text() if options.text is None else read_text_file(options.text)
     ids = tokenize(loaded.tokenizer, source.text)
     windows = eval_windows(ids, options.tokens, options.window)
     names = convertible_linears(reference)
-    if not names:
+    expert_names = convertible_experts(reference)
+    if not names and not expert_names:
         raise ValueError(f"{loaded.name}: the model has no nn.Linear layer that FP8 converts")
 
     hessians = None
@@ -213,6 +303,7 @@ def evaluate(options: EvalOptions) -> dict:
         steps.start("calibration (GPTQ Hessians)", len(calib))
         t0 = time.perf_counter()
         hessians = collect_hessians(reference, names, calib, steps.advance)
+        hessians.update(collect_expert_hessians(reference, expert_names, calib))
         calib_info = {"tokens": int(sum(c.numel() for c in calib)),
                       "first_token": int(ids.numel() - options.calib_tokens),
                       "last_token": int(ids.numel() - 1),
@@ -228,11 +319,19 @@ def evaluate(options: EvalOptions) -> dict:
         models[k] = build_variant(reference, VARIANTS[k], hessians, search_cache)
         quant_s[k] = time.perf_counter() - t0
         steps.advance()
+    uncalibrated = sorted(search_cache.get("uncalibrated", ()))
     search_cache.clear()
+    if calib_info is not None:
+        calib_info["uncalibrated"] = uncalibrated
+        if uncalibrated:
+            calib_info["uncalibrated_reason"] = (
+                "routed experts that no calibration token was routed to: GPTQ has no Hessian "
+                "for them, so they keep DeepSeek-V3's amax/448 scales and nearest rounding")
 
     steps.start("per-layer error", len(keys) - 1)
     sample = ids[: min(options.layer_tokens, options.tokens, options.window)]
     inputs = _capture_inputs(reference, names, sample)
+    inputs.update(capture_expert_inputs(reference, expert_names, sample))
     layers = {}
     for k in keys[1:]:
         cfg = VARIANTS[k].config
@@ -282,6 +381,7 @@ def evaluate(options: EvalOptions) -> dict:
             "top1": s.top1,
             "ppl": s.ppl,
             "ppl_rel_change": s.ppl / ref_ppl - 1.0,
+            **_uncertainty(stats, k),
             "resident_bytes": resident_bytes(m),
             "resident_weight_bytes": linear_weight_bytes(m),
             "checkpoint_bytes": checkpoint_bytes(m),
@@ -289,11 +389,15 @@ def evaluate(options: EvalOptions) -> dict:
             "quantize_time_s": quant_s[k],
             "layers": [{f: _finite(x) for f, x in row.items()} for row in layers.get(k, [])],
         })
+    counts = parameter_counts(reference)
     summary = {
         "finefp8_version": __version__,
         "model": {"name": loaded.name, "source": loaded.source, "dtype": loaded.dtype,
                   "parameters": sum(p.numel() for p in reference.parameters()),
-                  "fp8_layers": len(names), "load_time_s": load_s},
+                  "fp8_layers": len(names), "experts_modules": len(expert_names),
+                  "fp8_parameters": counts["fp8"], "expert_parameters": counts["experts"],
+                  "fp8_parameter_share": counts["fp8"] / max(counts["total"], 1),
+                  "load_time_s": load_s},
         "text": {"name": source.name, "python_version": source.python_version,
                  "sha256": source.sha256, "chars": source.chars, "tokens_total": int(ids.numel())},
         "tokens": options.tokens,
@@ -303,7 +407,15 @@ def evaluate(options: EvalOptions) -> dict:
         "layer_tokens": int(sample.numel()),
         "calibration": calib_info,
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+                    "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                    "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+                    "seed": EVAL_SEED},
+        "uncertainty": {"block_tokens": DEFAULT_BLOCK_TOKENS,
+                        "blocks": int(stats["reference"].blocks().max()) + 1,
+                        "bootstrap_resamples": DEFAULT_RESAMPLES, "level": DEFAULT_LEVEL,
+                        "bootstrap_seed": DEFAULT_SEED, "baseline": (
+                            BASELINE_VARIANT if BASELINE_VARIANT in stats else None),
+                        "kl_sem_by_block_tokens": _sem_by_block(stats)},
         "variants": results,
         "saved_variant": saved,
         "wall_time_s": time.perf_counter() - t_start,

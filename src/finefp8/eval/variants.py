@@ -25,13 +25,14 @@ output head) with the reference, so all variants fit in memory at once.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .. import calibration
+from .. import calibration, ops
 from ..nn import FP8Config, fp8_modules, quantize_model
 from ..nn.linear import unique_tensor_bytes
 from .options import DEFAULT_VARIANT_KEYS, VARIANT_KEYS
@@ -88,6 +89,9 @@ VARIANTS: dict[str, Variant] = {v.key: v for v in (
 DEFAULT_VARIANTS: tuple[str, ...] = DEFAULT_VARIANT_KEYS
 if tuple(VARIANTS) != VARIANT_KEYS:
     raise ImportError("finefp8.eval.options.VARIANT_KEYS must list finefp8.eval.variants.VARIANTS")
+
+
+_EXPERT_MATRIX = re.compile(r"\.\d+\.(gate_proj|up_proj|down_proj)$")
 
 
 def _shared_copy(model: nn.Module) -> nn.Module:
@@ -151,13 +155,21 @@ def _calibrated_quantizer(kind: str, hessians: dict[str, torch.Tensor] | None, c
 
     ``"mse"``: per-block scale search. ``"gptq"``: DeepSeek-V3's ``amax/448`` block scales and
     GPTQ rounding, columns in act-order (decreasing ``H[j, j]``); ``cache`` keeps each
-    Hessian's factor (shared by layers with one input).
+    Hessian's factor (shared by layers with one input). A routed expert's matrix
+    (``<experts>.<e>.gate_proj``...) calibrates on its own tokens' Hessian
+    (``finefp8.eval.moe.collect_expert_hessians``); one without (no calibration token routed
+    to it) keeps ``amax/448`` and nearest rounding, and its name goes in
+    ``cache["uncalibrated"]`` for the report.
     """
     def quantize(w, block_size, scale_fmt, *, name=None):
         if scale_fmt != "fp32":
             raise ValueError(f"calibrated variants use fp32 scales, got scale_fmt={scale_fmt!r}")
         if kind == "mse":
             return calibration.quantize_blockwise_mse(w, block_size, name=name)
+        if name and _EXPERT_MATRIX.search(name) and (hessians is None or name not in hessians):
+            # a routed expert no calibration token reached: nothing to calibrate on
+            cache.setdefault("uncalibrated", set()).add(name)
+            return ops.quantize_blockwise(w, block_size, scale_fmt, name=name)
         if hessians is None or name not in hessians:
             raise ValueError(f"GPTQ needs the calibration Hessian of layer {name!r}")
         h = hessians[name]
@@ -188,16 +200,22 @@ def build_variant(reference: nn.Module, variant: Variant,
 def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes of the weights, scales and biases of the layers that FP8 variants convert.
 
-    For the reference these are the float ``nn.Linear`` layers that ``quantize_model`` would
-    convert; for an FP8 variant its ``FP8Linear`` layers (1 byte a weight + 4 bytes a scale).
+    For the reference these are the float ``nn.Linear`` layers and fused experts modules that
+    ``quantize_model`` would convert; for an FP8 variant its ``FP8Linear`` / ``FP8Experts``
+    modules (1 byte a weight + 4 bytes a scale).
     """
     fp8 = fp8_modules(model)
     if fp8:
         return sum(m.weight_bytes() for m in fp8.values())
+    from .moe import convertible_experts
+
     total = 0
     for name in convertible_linears(model):
         m = model.get_submodule(name)
         total += sum(t.numel() * t.element_size() for t in (m.weight, m.bias) if t is not None)
+    for name in convertible_experts(model):
+        total += sum(t.numel() * t.element_size()
+                     for t in model.get_submodule(name).parameters(recurse=False))
     return total
 
 

@@ -1,7 +1,12 @@
-"""GPU kernels for fine-grained FP8, and the checks that decide where they can run.
+"""Kernels for fine-grained FP8, and the checks that decide where each can run.
 
 Modules (each importable on its own; only the ``triton_*`` ones import Triton):
 
+* ``capabilities``: one capability table per backend (ops, dtypes, formats, sizes,
+  devices) and the one check that reads it; ``finefp8.ops`` and every kernel's guard use it.
+* ``cpu``: the compiled C kernels' Python side (``cpu_kernels.c``), with ``cpu_build`` (the
+  compiler and its cache), ``cpu_threads`` (the thread pool) and ``cpu_library`` (their
+  registration as ``torch.ops.finefp8.*`` operators with fake implementations and autograd).
 * ``triton_quant``: ``act_quant`` (1x128 activation groups), ``weight_quant`` and
   ``weight_dequant`` (128x128 weight blocks), Triton kernels with the reference's math.
 * ``triton_gemm``: ``fp8_gemm``, the block-scaled ``C = A @ B.T`` with fp32 promotion
@@ -9,10 +14,10 @@ Modules (each importable on its own; only the ``triton_*`` ones import Triton):
 * ``scaled_mm``: the same GEMM through ``torch._scaled_mm``'s block-wise scaling
   (cuBLAS, Hopper only), its scale layouts and its capability check.
 
-This module holds only pure-Python checks, so ``finefp8.ops`` can ask them without
-importing Triton. Each ``*_limit`` function returns ``None`` when the Triton kernel
-can run the call, else a sentence saying why not (``finefp8.ops`` then falls back to
-the reference, or raises that sentence when the backend was forced).
+This module holds the device probes (is Triton installed, the GPU's compute capability) and
+the ``*_limit`` functions the Triton wrappers use as their guards: each returns ``None``
+when the Triton kernel can run the call, else a sentence saying why not, read from the
+``"triton"`` row of ``capabilities``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from functools import cache
 
 import torch
 
+from .capabilities import KERNEL_OUT_DTYPES, TRITON, OpCall, as_sizes, format_name
 from .scaled_mm import GemmProblem, scaled_mm_blockwise_limit, scaled_mm_blockwise_supported
 
 __all__ = [
@@ -43,9 +49,6 @@ __all__ = [
     "KERNEL_OUT_DTYPES",
 ]
 
-KERNEL_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_KERNEL_IN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_FP8_CODE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @cache
@@ -94,48 +97,29 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _pow2(v: int) -> bool:
-    return int(v) == v and v >= 1 and (int(v) & (int(v) - 1)) == 0
-
-
-def _e4m3(fmt) -> bool:
-    from ..formats import E4M3, get_format
-
-    return get_format(fmt) is E4M3
-
-
 def act_quant_limit(x: torch.Tensor, group_size: int, fmt="e4m3") -> str | None:
     """Why ``act_quant`` cannot quantize ``x`` with these settings, or ``None`` if it can."""
-    if x.dtype not in _KERNEL_IN_DTYPES:
-        return f"input dtype {x.dtype} is not float32/bfloat16/float16/float64"
-    if not _pow2(group_size):
-        return f"group_size {group_size!r} is not a power of two"
-    if not _e4m3(fmt):
-        return f"the kernels write E4M3 codes only, not {fmt!r}"
-    return None
+    return TRITON.ops["quantize_groupwise"].limit(
+        OpCall("quantize_groupwise", x.device, x.dtype, fmt=format_name(fmt), sizes=(group_size,)))
 
 
 def weight_quant_limit(w: torch.Tensor, block_size: tuple[int, int], fmt="e4m3") -> str | None:
     """Why ``weight_quant`` cannot quantize ``w`` with these settings, or ``None`` if it can."""
-    if w.dtype not in _KERNEL_IN_DTYPES:
-        return f"input dtype {w.dtype} is not float32/bfloat16/float16/float64"
-    if len(block_size) != 2 or not all(_pow2(b) for b in block_size):
-        return f"block_size {block_size!r} is not two powers of two"
-    if not _e4m3(fmt):
-        return f"the kernels write E4M3 codes only, not {fmt!r}"
-    return None
+    if len(as_sizes(block_size)) != 2:
+        return f"block_size {block_size!r} is not two sizes"
+    return TRITON.ops["quantize_blockwise"].limit(
+        OpCall("quantize_blockwise", w.device, w.dtype, fmt=format_name(fmt),
+               sizes=as_sizes(block_size)))
 
 
 def weight_dequant_limit(q: torch.Tensor, block_size: tuple[int, int],
                          dtype: torch.dtype) -> str | None:
     """Why ``weight_dequant`` cannot dequantize ``q`` to ``dtype``, or ``None`` if it can."""
-    if q.dtype not in _FP8_CODE_DTYPES:
-        return f"input dtype {q.dtype} is not float8_e4m3fn/float8_e5m2"
-    if len(block_size) != 2 or not all(_pow2(b) for b in block_size):
-        return f"block_size {block_size!r} is not two powers of two"
-    if dtype not in KERNEL_OUT_DTYPES:
-        return f"output dtype {dtype} is not bfloat16/float16/float32"
-    return None
+    if len(as_sizes(block_size)) != 2:
+        return f"block_size {block_size!r} is not two sizes"
+    return TRITON.ops["dequantize_blockwise"].limit(
+        OpCall("dequantize_blockwise", q.device, q.dtype, codes=(), out_dtype=dtype,
+               sizes=as_sizes(block_size)))
 
 
 def gemm_limit(out_dtype: torch.dtype, promote_every: int | None, accum_bits: int | None,
@@ -148,14 +132,8 @@ def gemm_limit(out_dtype: torch.dtype, promote_every: int | None, accum_bits: in
     emulator (``accum_bits``) exists only in the reference; both operands must share
     one FP8 dtype (``tl.dot`` takes no e4m3 x e5m2 mix).
     """
-    if a_dtype is not None and b_dtype is not None and a_dtype != b_dtype:
-        return f"operands of different FP8 dtypes ({a_dtype}, {b_dtype})"
-    if accum_bits is not None:
-        return "accum_bits (the accumulator emulator) runs only on the reference backend"
-    if not _pow2(block_size) or block_size < 16:
-        return f"block_size {block_size!r} is not a power of two >= 16"
-    if promote_every != block_size:
-        return f"promote_every={promote_every!r} differs from block_size={block_size}"
-    if out_dtype not in KERNEL_OUT_DTYPES:
-        return f"out_dtype {out_dtype} is not bfloat16/float16/float32"
-    return None
+    codes = tuple(d for d in (a_dtype, b_dtype) if d is not None)
+    return TRITON.ops["fp8_gemm"].limit(
+        OpCall("fp8_gemm", torch.device("cuda"), codes[0] if codes else None, codes=codes,
+               out_dtype=out_dtype, sizes=(block_size,), accum_bits=accum_bits,
+               promote_every=promote_every))

@@ -1,50 +1,48 @@
-"""Fast CPU kernels: fused FP8 block/group quantization, dequantization, weight-only linear.
+"""The CPU kernels' Python side: fused FP8 quantization, dequantization and weight-only linear.
 
-The kernels are the C file next to this module (``cpu_kernels.c``), compiled on first use
-with the system C compiler (``$CC`` or ``cc``; ``-O3 -march=native``, so the compiler
-vectorizes them for the machine at hand) into a per-user cache directory
-(``$FINEFP8_CACHE_DIR``, else ``$XDG_CACHE_HOME/finefp8``, else ``~/.cache/finefp8``), and
-called through ``ctypes`` on the tensors' memory. ``ctypes`` releases the GIL, so a call is
-split over ``torch.get_num_threads()`` Python threads by rows or block rows.
+Each function here calls the C kernels of ``cpu_kernels.c`` (built and loaded by
+``finefp8.kernels.cpu_build``, split over threads by ``finefp8.kernels.cpu_threads``) on the
+tensors' memory, and returns what its reference in ``finefp8.quantization`` /
+``finefp8.gemm`` returns (same codes, same scales, bit for bit; the linear layer and the GEMM
+within fp32 rounding of the exact sum).
 
-Every function here has the signature and the results of its reference in
-``finefp8.quantization`` (same codes, same scales, bit for bit) and falls back to that
-reference for what the kernels do not cover: other formats than E4M3, float64 inputs,
-non-CPU tensors, invalid arguments (so the reference's error messages are raised) and
-inputs holding NaN or Inf (detected by the kernel's amax pass). If the C library cannot be
-built, ``available()`` is False, one warning says why, and everything runs the reference.
-Set ``FINEFP8_DISABLE_CPU_KERNELS=1`` to force that.
+What the kernels take is the ``"cpu"`` row of ``finefp8.kernels.capabilities`` (E4M3 codes,
+float32/bfloat16/float16 inputs, CPU tensors): every function first validates its arguments
+exactly as the reference does (same errors), then checks that row and raises ``ValueError``
+with the reason for anything else (E5M2, float64 inputs, ...): these functions never quietly
+run other code. One data-dependent case is delegated: a quantizer input holding NaN or Inf
+(found by the kernel's amax pass) is handed to the reference, which raises its error naming
+the block, or with ``allow_nonfinite=True`` computes the codes from the finite values.
+
+``finefp8.kernels.cpu_library`` registers these functions as PyTorch operators
+(``torch.ops.finefp8.*``), which is how ``finefp8.ops`` calls them.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .. import gemm as _gemm
 from .. import quantization as _q
-from ..formats import E4M3, FP8Format, get_format
-from ..quantization import AMAX_FLOOR, BLOCK_SIZE, GROUP_SIZE, SCALE_FMTS
+from ..formats import E4M3, FP8Format
+from ..quantization import AMAX_FLOOR, BLOCK_SIZE, GROUP_SIZE
+from . import cpu_build
+from .capabilities import CPU, OpCall, format_name
+from .cpu_build import available, instruction_set, library_path
+from .cpu_threads import in_forked_child, parallel, threads_for
 
 __all__ = [
     "CPU_OPS",
+    "FUSED_LINEAR_MAX_TOKENS",
     "available",
-    "cast_e4m3",
     "library_path",
+    "instruction_set",
+    "cast_e4m3",
     "quantize_blockwise",
     "dequantize_blockwise",
     "quantize_groupwise",
@@ -53,186 +51,40 @@ __all__ = [
     "fp8_gemm",
 ]
 
-CPU_OPS = frozenset({
-    "quantize_blockwise",
-    "dequantize_blockwise",
-    "quantize_groupwise",
-    "dequantize_groupwise",
-    "weight_only_linear",
-    "fp8_gemm",
-})
-"""Ops of ``finefp8.ops`` that have a ``"cpu"`` backend here."""
+CPU_OPS = frozenset(CPU.ops)
+"""Ops of ``finefp8.ops`` that have a ``"cpu"`` backend (the keys of its capability table)."""
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_ABI_VERSION = 5  # must equal ff8_abi_version() in cpu_kernels.c
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_MIN_WORK_PER_THREAD = 1 << 16  # elements; smaller calls run on the calling thread
-
-_i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-_SIGNATURES = {
-    "ff8_abi_version": (_i32, []),
-    "ff8_cast_e4m3": (None, [_ptr, _ptr, _i64]),
-    "ff8_advise_hugepages": (_i32, [_ptr, _i64]),
-    "ff8_quant_block": (_i64, [_ptr, _i32, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _i32,
-                               _ptr, _ptr]),
-    "ff8_quant_group": (_i64, [_ptr, _i32, _i64, _i64, _i64, _i64, _i64, _f32, _i32, _ptr, _ptr]),
-    "ff8_dequant_block": (None, [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _i32]),
-    "ff8_dequant_group": (None, [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, _i32]),
-    "ff8_linear_w8": (_i32, [_ptr, _i64, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
-                             _ptr]),
-}
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fno-trapping-math", "-fPIC", "-shared"],
-    ["-O3", "-fno-trapping-math", "-fPIC", "-shared"],
-)
-
-
-# ----------------------------------------------------------------------------- building
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("FINEFP8_CACHE_DIR"):
-        return Path(os.environ["FINEFP8_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "finefp8"
-
-
-def _cpu_tag() -> str:
-    """What ``-march=native`` depends on: the machine and its CPU feature flags."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return f"{platform.machine()} {flags}"
-
-
-def _compile(compiler: str, out: Path) -> str | None:
-    """Compile ``cpu_kernels.c`` into the shared library ``out``; the error text or None."""
-    errors = []
-    for flags in _FLAG_SETS:
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [compiler, *flags, "-o", tmp, str(_SOURCE), "-lm"]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as e:
-            res = None
-            errors.append(f"{' '.join(cmd)}: {e}")
-        if res is not None and res.returncode == 0:
-            os.replace(tmp, out)  # atomic: a concurrent process sees a whole library or none
-            return None
-        if res is not None:
-            errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-300:]}")
-        Path(tmp).unlink(missing_ok=True)
-    return "; ".join(errors)
-
-
-def _load() -> tuple[ctypes.CDLL | None, str]:
-    """Build (once per source/compiler/CPU) and load the library: ``(lib, path)`` or ``(None, why)``."""
-    if os.environ.get("FINEFP8_DISABLE_CPU_KERNELS", "") not in ("", "0"):
-        return None, "disabled by FINEFP8_DISABLE_CPU_KERNELS"
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if compiler is None:
-        return None, "no C compiler found (set CC or install gcc)"
-    key = hashlib.sha256(_SOURCE.read_bytes() + compiler.encode() + _cpu_tag().encode()
-                         + repr(_FLAG_SETS).encode())
-    path = _cache_dir() / f"finefp8_cpu_{key.hexdigest()[:16]}.so"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            err = _compile(compiler, path)
-            if err is not None:
-                return None, f"compiling {_SOURCE.name} failed: {err}"
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        return None, f"loading the kernel library failed: {e}"
-    try:
-        for fname, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, fname)
-            fn.restype, fn.argtypes = restype, argtypes
-    except AttributeError as e:
-        return None, f"{path} lacks a kernel: {e}"
-    if lib.ff8_abi_version() != _ABI_VERSION:
-        return None, f"{path} has ABI {lib.ff8_abi_version()}, expected {_ABI_VERSION}"
-    return lib, str(path)
-
-
-@functools.cache
-def _built() -> tuple[ctypes.CDLL | None, str]:
-    """``_load()`` once per process; warns (one line) when the kernels are unavailable."""
-    lib, info = _load()
-    if lib is None:
-        warnings.warn(f"finefp8: fast CPU kernels unavailable ({info}); using the pure-torch "
-                      f"reference", RuntimeWarning, stacklevel=4)
-    return lib, info
-
-
-def _library() -> ctypes.CDLL | None:
-    return _built()[0]
-
-
-def available() -> bool:
-    """True when the compiled CPU kernels can be used (builds them on the first call)."""
-    return _library() is not None
-
-
-def library_path() -> str | None:
-    """Path of the loaded kernel library, or None when unavailable."""
-    lib, info = _built()
-    return info if lib is not None else None
-
-
-# ----------------------------------------------------------------------------- threading
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1),
-                              thread_name_prefix="finefp8-cpu")
-
-
-def _parallel(fn: Callable[[int, int], object], n_items: int, work_per_item: int) -> list:
-    """Run ``fn(begin, end)`` over ``range(n_items)`` split in contiguous parts, in threads.
-
-    The number of parts is ``torch.get_num_threads()``, fewer for small jobs. Returns the
-    results of the parts in order.
-    """
-    parts = min(torch.get_num_threads(), n_items,
-                max(1, (n_items * work_per_item) // _MIN_WORK_PER_THREAD))
-    if parts <= 1:
-        return [fn(0, n_items)]
-    bounds = [n_items * i // parts for i in range(parts + 1)]
-    futures = [_pool().submit(fn, bounds[i], bounds[i + 1]) for i in range(parts)]
-    return [f.result() for f in futures]
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _is_e4m3(fmt: FP8Format | str) -> bool:
-    try:
-        return get_format(fmt) is E4M3
-    except ValueError:
-        return False
-
-
-def _fast_float(x: object) -> bool:
-    """A CPU tensor of a dtype the kernels read (float32, bfloat16, float16), non-empty."""
-    return (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype in _DTYPE_CODES
-            and x.numel() > 0)
-
-
-def _positive_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def _ptr_of(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
 _HUGE_OUTPUT_BYTES = 1 << 23
+_CPU = torch.device("cpu")
+
+
+def _lib():
+    """The loaded C library; ``ValueError`` with the reason when it is unavailable."""
+    lib = cpu_build.library()
+    if lib is None:
+        raise ValueError(f"backend 'cpu' is unavailable: {cpu_build.unavailable_reason()}; "
+                         f"use backend='reference'")
+    return lib
+
+
+def _device(*tensors: object) -> torch.device:
+    """The device the capability check sees: the first non-CPU tensor's, else the CPU."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            return t.device
+    return _CPU
+
+
+def _split(part: Callable[[int, int], object], whole: Callable[[int], object], n_items: int,
+           work_per_item: int) -> list:
+    """One kernel call over ``range(n_items)``: ``[whole(threads)]`` when the library has OpenMP
+    (it splits the range on PyTorch's OpenMP threads), else ``part(begin, end)`` over chunks on
+    the Python thread pool (``cpu_threads.parallel``), as also in a forked child, where GNU
+    OpenMP can hang."""
+    if cpu_build.openmp() and not in_forked_child():
+        return [whole(threads_for(n_items, work_per_item))]
+    return parallel(part, n_items, work_per_item)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -246,7 +98,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype)
     nbytes = out.numel() * out.element_size()
     if nbytes >= _HUGE_OUTPUT_BYTES:
-        _library().ff8_advise_hugepages(out.data_ptr(), nbytes)
+        _lib().ff8_advise_hugepages(out.data_ptr(), nbytes)
     return out
 
 
@@ -269,18 +121,17 @@ def _outputs(out: tuple[torch.Tensor, torch.Tensor] | None, q_shape: tuple[int, 
     return q.view(torch.uint8), scale
 
 
-def _into(out: tuple[torch.Tensor, torch.Tensor] | None,
-          compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], tuple]:
-    """``compute`` (the reference path), its result also copied into ``out`` when given."""
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
-        q, scale = compute()
-        if out is None:
-            return q, scale
-        q_out, s_out = _outputs(out, tuple(q.shape), tuple(scale.shape))
-        q_out.copy_(q.view(torch.uint8))
-        s_out.copy_(scale)
-        return q_out.view(q.dtype), s_out
-    return run
+def _nonfinite(out: tuple[torch.Tensor, torch.Tensor] | None,
+               compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's handling of a NaN/Inf input (``compute``), copied into ``out`` if given."""
+    q, scale = compute()
+    if out is None:
+        return q, scale
+    q_out, s_out = _outputs(out, tuple(q.shape), tuple(scale.shape))
+    q_out.copy_(q.view(torch.uint8))
+    s_out.copy_(scale)
+    return q_out.view(q.dtype), s_out
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -292,16 +143,13 @@ def cast_e4m3(x: torch.Tensor) -> torch.Tensor:
     Round to nearest even, saturating to +-448, NaN -> ``0x7F | sign``: the codes of
     ``finefp8.formats.encode(x, E4M3, saturate=True)``. Needs ``available()``.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("cast_e4m3 needs the compiled CPU kernels (see available())")
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
         raise TypeError("cast_e4m3 expects a float32 CPU tensor")
+    lib = _lib()
     src = x.detach().contiguous()
     out = _empty(tuple(x.shape), torch.uint8)
-    lib.ff8_cast_e4m3(_ptr_of(src), _ptr_of(out), src.numel())
+    lib.ff8_cast_e4m3(src.data_ptr(), out.data_ptr(), src.numel())
     return out
-
 
 
 def quantize_blockwise(
@@ -318,29 +166,38 @@ def quantize_blockwise(
     """``finefp8.quantization.quantize_blockwise``, fused: one pass per block strip.
 
     ``w`` ``[M, N]`` float32/bfloat16/float16 -> ``(q [M, N] float8_e4m3fn,
-    scale_inv [ceil(M/bm), ceil(N/bn)] float32)``, identical to the reference's.
-    ``out``: optional preallocated ``(q, scale_inv)`` to write into (see ``_outputs``).
+    scale [ceil(M/bm), ceil(N/bn)] float32)``, identical to the reference's.
+    ``out``: optional preallocated ``(q, scale)`` to write into (see ``_outputs``).
     """
-    lib = _library()
-    ref = _into(out, functools.partial(_q.quantize_blockwise, w, block_size, scale_fmt, fmt=fmt,
-                                       amax_floor=amax_floor, allow_nonfinite=allow_nonfinite,
-                                       name=name))
-    if (lib is None or not _fast_float(w) or w.dim() != 2 or not _is_e4m3(fmt)
-            or scale_fmt not in SCALE_FMTS or len(tuple(block_size)) != 2
-            or not all(_positive_int(b) for b in block_size)):
-        return ref()
+    _q.check_float_input(w, name, "weight")
+    if w.dim() != 2:
+        raise ValueError(f"{_q.label(name, 'weight')}: block-wise quantization needs a 2-D "
+                         f"tensor, got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError(f"{_q.label(name, 'weight')}: empty tensor of shape {tuple(w.shape)}")
+    _q.check_scale_fmt(scale_fmt)
+    bm, bn = _q.check_block_size(block_size)
+    CPU.check(OpCall("quantize_blockwise", w.device, w.dtype, fmt=format_name(fmt),
+                     scale_fmt=scale_fmt, sizes=(bm, bn)), _q.label(name, "weight"))
+    lib = _lib()
     x = w.detach().contiguous()
-    (m, n), (bm, bn) = x.shape, tuple(block_size)
+    m, n = x.shape
     gm, gn = math.ceil(m / bm), math.ceil(n / bn)
     q, scale = _outputs(out, (m, n), (gm, gn))
     dt, ue8m0 = _DTYPE_CODES[x.dtype], int(scale_fmt == "ue8m0")
 
     def part(b0: int, b1: int) -> int:
-        return lib.ff8_quant_block(_ptr_of(x), dt, m, n, bm, bn, b0, b1, amax_floor, ue8m0,
-                                   _ptr_of(q), _ptr_of(scale))
+        return lib.ff8_quant_block(x.data_ptr(), dt, m, n, bm, bn, b0, b1, amax_floor, ue8m0,
+                                   q.data_ptr(), scale.data_ptr())
 
-    if any(bad != 0 for bad in _parallel(part, gm, bm * n)):
-        return ref()  # NaN/Inf (or no scratch memory): the reference raises or handles it
+    def whole(threads: int) -> int:
+        return lib.ff8_quant_block_mt(x.data_ptr(), dt, m, n, bm, bn, amax_floor, ue8m0,
+                                      q.data_ptr(), scale.data_ptr(), threads)
+
+    if any(bad != 0 for bad in _split(part, whole, gm, bm * n)):
+        return _nonfinite(out, functools.partial(
+            _q.quantize_blockwise, w.detach(), (bm, bn), scale_fmt, fmt=fmt, amax_floor=amax_floor,
+            allow_nonfinite=allow_nonfinite, name=name))
     return q.view(torch.float8_e4m3fn), scale
 
 
@@ -360,69 +217,88 @@ def quantize_groupwise(
     ``x`` ``[..., K]`` -> ``(q [..., K] float8_e4m3fn, scale [..., ceil(K/g)] float32)``.
     ``out``: optional preallocated ``(q, scale)`` to write into (see ``_outputs``).
     """
-    lib = _library()
-    ref = _into(out, functools.partial(_q.quantize_groupwise, x, group_size, scale_fmt, fmt=fmt,
-                                       amax_floor=amax_floor, allow_nonfinite=allow_nonfinite,
-                                       name=name))
-    if (lib is None or not _fast_float(x) or x.dim() < 1 or not _is_e4m3(fmt)
-            or scale_fmt not in SCALE_FMTS or not _positive_int(group_size)):
-        return ref()
+    _q.check_float_input(x, name, "activation")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{_q.label(name, 'activation')}: needs a non-empty last dimension, "
+                         f"got shape {tuple(x.shape)}")
+    if int(group_size) != group_size or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    _q.check_scale_fmt(scale_fmt)
+    group_size = int(group_size)
+    CPU.check(OpCall("quantize_groupwise", x.device, x.dtype, fmt=format_name(fmt),
+                     scale_fmt=scale_fmt, sizes=(group_size,)), _q.label(name, "activation"))
     k = x.shape[-1]
-    t = x.numel() // k
-    src = x.detach().contiguous()
     gk = math.ceil(k / group_size)
     q, scale = _outputs(out, tuple(x.shape), (*x.shape[:-1], gk))
+    t = x.numel() // k
+    if t == 0:
+        return q.view(torch.float8_e4m3fn), scale
+    lib = _lib()
+    src = x.detach().contiguous()
     dt, ue8m0 = _DTYPE_CODES[x.dtype], int(scale_fmt == "ue8m0")
 
     def part(t0: int, t1: int) -> int:
-        return lib.ff8_quant_group(_ptr_of(src), dt, t, k, group_size, t0, t1, amax_floor, ue8m0,
-                                   _ptr_of(q), _ptr_of(scale))
+        return lib.ff8_quant_group(src.data_ptr(), dt, t, k, group_size, t0, t1, amax_floor,
+                                   ue8m0, q.data_ptr(), scale.data_ptr())
 
-    if any(bad != 0 for bad in _parallel(part, t, k)):
-        return ref()
+    def whole(threads: int) -> int:
+        return lib.ff8_quant_group_mt(src.data_ptr(), dt, t, k, group_size, amax_floor, ue8m0,
+                                      q.data_ptr(), scale.data_ptr(), threads)
+
+    if any(bad != 0 for bad in _split(part, whole, t, k)):
+        return _nonfinite(out, functools.partial(
+            _q.quantize_groupwise, x.detach(), group_size, scale_fmt, fmt=fmt,
+            amax_floor=amax_floor, allow_nonfinite=allow_nonfinite, name=name))
     return q.view(torch.float8_e4m3fn), scale
 
 
 # ----------------------------------------------------------------------------- dequantization
 
 
-def _out_code(dtype: torch.dtype) -> tuple[torch.dtype, int] | None:
+def _out_code(dtype: torch.dtype) -> tuple[torch.dtype, int]:
     """(dtype the kernel writes, its code); float64 is written as float32 and widened."""
-    if dtype in _DTYPE_CODES:
-        return dtype, _DTYPE_CODES[dtype]
     if dtype == torch.float64:
         return torch.float32, 0
-    return None
+    return dtype, _DTYPE_CODES[dtype]
+
+
+def _check_scale_tensor(scale: object, name: str | None, what: str) -> None:
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise TypeError(f"{_q.label(name, what)}: the scale must be a floating-point tensor, "
+                        f"got {got}")
 
 
 def dequantize_blockwise(
     q: torch.Tensor,
-    scale_inv: torch.Tensor,
+    scale: torch.Tensor,
     block_size: tuple[int, int] = BLOCK_SIZE,
     dtype: torch.dtype = torch.bfloat16,
     *,
     name: str | None = None,
 ) -> torch.Tensor:
-    """``finefp8.quantization.dequantize_blockwise``: ``dtype(q.float() * scale_inv)`` per block."""
-    lib = _library()
-    ref = functools.partial(_q.dequantize_blockwise, q, scale_inv, block_size, dtype, name=name)
-    out = _out_code(dtype)
-    if (lib is None or not isinstance(q, torch.Tensor) or q.dtype != torch.float8_e4m3fn
-            or q.device.type != "cpu" or q.dim() != 2 or q.numel() == 0 or out is None
-            or not isinstance(scale_inv, torch.Tensor) or not scale_inv.is_floating_point()
-            or scale_inv.device.type != "cpu" or len(tuple(block_size)) != 2
-            or not all(_positive_int(b) for b in block_size)):
-        return ref()
-    (m, n), (bm, bn) = q.shape, tuple(block_size)
-    gm, gn = math.ceil(m / bm), math.ceil(n / bn)
-    if tuple(scale_inv.shape) != (gm, gn):
-        return ref()  # raises the reference's shape error
-    codes = q.detach().contiguous().view(torch.uint8)
-    s = scale_inv.detach().float().contiguous()
-    out_dtype, code = out
+    """``finefp8.quantization.dequantize_blockwise``: ``dtype(q.float() * scale)`` per block."""
+    _q.check_fp8_input(q, name, "weight")
+    if q.dim() != 2:
+        raise ValueError(f"{_q.label(name, 'weight')}: expected a 2-D tensor, got shape "
+                         f"{tuple(q.shape)}")
+    bm, bn = _q.check_block_size(block_size)
+    _check_scale_tensor(scale, name, "weight")
+    (m, n) = q.shape
+    grid = _q.check_block_scales((m, n), scale, (bm, bn), name)
+    CPU.check(OpCall("dequantize_blockwise", _device(q, scale), q.dtype, codes=(q.dtype,),
+                     out_dtype=dtype, sizes=(bm, bn)), _q.label(name, "weight"))
+    out_dtype, code = _out_code(dtype)
     res = _empty((m, n), out_dtype)
-    _parallel(lambda b0, b1: lib.ff8_dequant_block(_ptr_of(codes), _ptr_of(s), m, n, bm, bn, b0,
-                                                   b1, _ptr_of(res), code), gm, bm * n)
+    if q.numel():
+        lib = _lib()
+        codes = q.detach().contiguous().view(torch.uint8)
+        s = scale.detach().float().contiguous()
+        _split(lambda b0, b1: lib.ff8_dequant_block(codes.data_ptr(), s.data_ptr(), m, n, bm, bn,
+                                                    b0, b1, res.data_ptr(), code),
+               lambda th: lib.ff8_dequant_block_mt(codes.data_ptr(), s.data_ptr(), m, n, bm, bn,
+                                                   res.data_ptr(), code, th),
+               grid[0], bm * n)
     return res.to(dtype)
 
 
@@ -435,25 +311,29 @@ def dequantize_groupwise(
     name: str | None = None,
 ) -> torch.Tensor:
     """``finefp8.quantization.dequantize_groupwise``: ``dtype(q.float() * scale)`` per group."""
-    lib = _library()
-    ref = functools.partial(_q.dequantize_groupwise, q, scale, group_size, dtype, name=name)
-    out = _out_code(dtype)
-    if (lib is None or not isinstance(q, torch.Tensor) or q.dtype != torch.float8_e4m3fn
-            or q.device.type != "cpu" or q.dim() < 1 or q.numel() == 0 or out is None
-            or not isinstance(scale, torch.Tensor) or not scale.is_floating_point()
-            or scale.device.type != "cpu" or not _positive_int(group_size)):
-        return ref()
+    _q.check_fp8_input(q, name, "activation")
+    if q.dim() < 1:
+        raise ValueError(f"{_q.label(name, 'activation')}: expected at least 1 dimension")
+    _check_scale_tensor(scale, name, "activation")
     k = q.shape[-1]
-    t = q.numel() // k
-    gk = math.ceil(k / group_size)
-    if tuple(scale.shape) != (*q.shape[:-1], gk):
-        return ref()
-    codes = q.detach().contiguous().view(torch.uint8)
-    s = scale.detach().float().contiguous()
-    out_dtype, code = out
+    if int(group_size) != group_size or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    group_size = int(group_size)
+    _q.check_group_scales(tuple(q.shape), scale, group_size, name)
+    CPU.check(OpCall("dequantize_groupwise", _device(q, scale), q.dtype, codes=(q.dtype,),
+                     out_dtype=dtype, sizes=(group_size,)), _q.label(name, "activation"))
+    out_dtype, code = _out_code(dtype)
     res = _empty(tuple(q.shape), out_dtype)
-    _parallel(lambda t0, t1: lib.ff8_dequant_group(_ptr_of(codes), _ptr_of(s), t, k, group_size,
-                                                   t0, t1, _ptr_of(res), code), t, k)
+    t = q.numel() // k if k else 0
+    if t:
+        lib = _lib()
+        codes = q.detach().contiguous().view(torch.uint8)
+        s = scale.detach().float().contiguous()
+        _split(lambda t0, t1: lib.ff8_dequant_group(codes.data_ptr(), s.data_ptr(), t, k,
+                                                    group_size, t0, t1, res.data_ptr(), code),
+               lambda th: lib.ff8_dequant_group_mt(codes.data_ptr(), s.data_ptr(), t, k,
+                                                   group_size, res.data_ptr(), code, th),
+               t, k)
     return res.to(dtype)
 
 
@@ -464,54 +344,86 @@ FUSED_LINEAR_MAX_TOKENS = 64
 weight); above, it dequantizes the weight with the fast kernel and calls ``F.linear``."""
 
 
-def weight_only_linear(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor,
+def _padded_blocks(x2: torch.Tensor, k: int, bn: int, align: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x2`` ``[T, K]`` as ``[T, ceil(K/bn), bnp]`` of ``dtype``, each K block zero-padded to
+    ``bnp`` (``bn`` rounded up to a multiple of ``align``): the layout the linear kernels read."""
+    t = x2.shape[0]
+    gk, full = math.ceil(k / bn), k // bn
+    bnp = -(-bn // align) * align
+    xp = torch.zeros((t, gk, bnp), dtype=dtype)
+    xp[:, :full, :bn] = x2[:, : full * bn].view(t, full, bn)
+    if full < gk:
+        xp[:, -1, : k - full * bn] = x2[:, full * bn:]
+    return xp
+
+
+def _has_bf16_dot() -> bool:
+    """True when the loaded library has the AVX-512-BF16 linear kernel (``ff8_isa() & 4``)."""
+    lib = cpu_build.library()
+    return lib is not None and bool(lib.ff8_isa() & 4)
+
+
+def weight_only_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None = None, *,
                        block_size: tuple[int, int] = BLOCK_SIZE) -> torch.Tensor:
-    """``y = x @ (q * scale_inv).T + bias`` with an E4M3 block-quantized weight, on the CPU.
+    """``y = x @ (q * scale).T + bias`` with an E4M3 block-quantized weight, on the CPU.
 
     Shapes: ``x`` ``[..., K]`` float32/bfloat16/float16, ``q`` ``[N, K]`` float8_e4m3fn,
-    ``scale_inv`` ``[ceil(N/bm), ceil(K/bn)]``, ``bias`` ``[N]``; returns ``[..., N]`` in
-    ``x.dtype``. For at most ``FUSED_LINEAR_MAX_TOKENS`` tokens the fused kernel computes
-    ``sum_blocks scale * (x_block . decode(q_block))`` in fp32 straight from the codes (the
-    weight is never materialized; for bf16 inputs this is more accurate than the reference,
-    which rounds the dequantized weight to bf16 first); otherwise the weight is dequantized
-    to ``x.dtype`` and multiplied by ``F.linear``, as the reference does.
+    ``scale`` ``[ceil(N/bm), ceil(K/bn)]``, ``bias`` ``[N]``; returns ``[..., N]`` in
+    ``x.dtype``. For at most ``FUSED_LINEAR_MAX_TOKENS`` tokens a fused kernel computes
+    ``sum_blocks scale * (x_block . decode(q_block))`` with fp32 sums straight from the codes
+    (the weight is never materialized; each product is exact, so this is more accurate than
+    the reference for bf16 inputs, which rounds the dequantized weight to bf16 first): for
+    bf16 inputs on CPUs with AVX-512-BF16 the bf16 dot-product kernel, else the fp32 one.
+    Above, the weight is dequantized to ``x.dtype`` and multiplied by ``F.linear``.
+    This function computes values from the tensors' memory; gradients come from its operator
+    registration, ``torch.ops.finefp8.weight_only_linear`` (``finefp8.kernels.cpu_library``),
+    which is what ``finefp8.ops`` calls.
     """
-    lib = _library()
-    if (lib is None or not _fast_float(x) or not isinstance(q, torch.Tensor)
-            or q.dtype != torch.float8_e4m3fn or q.device.type != "cpu" or q.dim() != 2
-            or x.shape[-1] != q.shape[1] or q.numel() == 0
-            or not isinstance(scale_inv, torch.Tensor) or scale_inv.device.type != "cpu"
-            or len(tuple(block_size)) != 2 or not all(_positive_int(b) for b in block_size)
-            or tuple(scale_inv.shape) != _q.block_grid(tuple(q.shape), tuple(block_size))):
-        w = _q.dequantize_blockwise(q, scale_inv, block_size, dtype=x.dtype)
-        return F.linear(x, w, bias)
-    (n, k), (bm, bn) = q.shape, tuple(block_size)
-    t = x.numel() // k
-    if t > FUSED_LINEAR_MAX_TOKENS:
-        w = dequantize_blockwise(q, scale_inv, block_size, dtype=x.dtype)
-        return F.linear(x, w, bias)
-    gk = math.ceil(k / bn)
-    bnp = -(-bn // 8) * 8
-    xp = torch.zeros((t, gk, bnp), dtype=torch.float32)
-    xs = x.detach().reshape(t, k).float()
-    full = (k // bn) * bn
-    xp[:, : k // bn, :bn] = xs[:, :full].view(t, k // bn, bn)
-    if full < k:
-        xp[:, -1, : k - full] = xs[:, full:]
+    if not isinstance(x, torch.Tensor) or not isinstance(q, torch.Tensor):
+        raise TypeError("weight_only_linear: x and q must be tensors")
+    _q.check_fp8_input(q, None, "weight")
+    bm, bn = _q.check_block_size(block_size)
+    _check_scale_tensor(scale, None, "weight")
+    if q.dim() != 2 or x.dim() < 1 or x.shape[-1] != q.shape[1]:
+        raise ValueError(f"weight_only_linear: x {tuple(x.shape)} and weight {tuple(q.shape)} "
+                         f"do not fit: x's last dimension must equal the weight's K")
+    _q.check_block_scales(tuple(q.shape), scale, (bm, bn), None)
+    CPU.check(OpCall("weight_only_linear", _device(x, q, scale, bias), x.dtype, codes=(q.dtype,),
+                     sizes=(bm, bn)))
+    (n, k) = q.shape
+    t = x.numel() // k if k else 0
+    if t > FUSED_LINEAR_MAX_TOKENS or t == 0 or k == 0 or n == 0:
+        w = dequantize_blockwise(q, scale, (bm, bn), dtype=x.dtype)
+        return F.linear(x.detach(), w, None if bias is None else bias.detach())
+    lib = _lib()
+    x2 = x.detach().reshape(t, k)
     codes = q.detach().contiguous().view(torch.uint8)
-    s = scale_inv.detach().float().contiguous()
+    s = scale.detach().float().contiguous()
     y = torch.empty((t, n), dtype=torch.float32)
+    # one token: the fp32 matrix-vector kernel (bandwidth-bound either way); more tokens of a
+    # bf16 input: the bf16 dot-product kernel where the CPU has AVX-512-BF16
+    use_bf16 = t > 1 and x.dtype == torch.bfloat16 and _has_bf16_dot()
+    if use_bf16:
+        xp = _padded_blocks(x2, k, bn, 32, torch.bfloat16)
+        kernel, bnp = lib.ff8_linear_w8_bf16, xp.shape[-1]
+    else:
+        xp = _padded_blocks(x2.float(), k, bn, 8, torch.float32)
+        kernel, bnp = lib.ff8_linear_w8, xp.shape[-1]
 
     def part(n0: int, n1: int) -> int:
-        return lib.ff8_linear_w8(_ptr_of(xp), t, k, _ptr_of(codes), _ptr_of(s), n, bm, bn, bnp,
-                                 n0, n1, _ptr_of(y))
+        return kernel(xp.data_ptr(), t, k, codes.data_ptr(), s.data_ptr(), n, bm, bn, bnp,
+                      n0, n1, y.data_ptr())
 
-    if any(rc != 0 for rc in _parallel(part, n, k * max(t, 1))):
+    def whole(threads: int) -> int:
+        return lib.ff8_linear_mt(xp.data_ptr(), int(use_bf16), t, k, codes.data_ptr(),
+                                 s.data_ptr(), n, bm, bn, bnp, y.data_ptr(), threads)
+
+    if any(rc != 0 for rc in _split(part, whole, n, k * t)):
         raise MemoryError("weight_only_linear: the CPU kernel could not allocate scratch memory")
     y = y.view(*x.shape[:-1], n)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.detach().float()
     return y.to(x.dtype)
 
 
@@ -531,27 +443,17 @@ def fp8_gemm(
 
     ``a`` ``[M, K]`` float8_e4m3fn with ``a_scale`` ``[M, ceil(K/128)]``, ``b`` ``[N, K]``
     float8_e4m3fn with ``b_scale`` ``[ceil(N/128), ceil(K/128)]``; returns ``[M, N]`` of
-    ``out_dtype``. The activations are dequantized to fp32 (``a * sa``, one rounding per
-    element) and multiplied by ``weight_only_linear`` with the block-quantized ``b``: the
-    same sum as the reference's per-block promotion, within fp32 rounding. The accumulation
-    emulator (``accum_bits``), other promotion intervals and E5M2 operands run the reference.
+    ``out_dtype``. The activations are dequantized to fp32 (``a * sa``, exact products
+    rounded once) and multiplied by the fp32 ``weight_only_linear`` kernel with the
+    block-quantized ``b``: the reference's per-block promotion, within fp32 rounding.
+    The accumulation emulator (``accum_bits``), promotion intervals other than the block and
+    E5M2 operands are not in this backend's table: they raise (``finefp8.ops`` sends them to
+    the reference).
     """
-    def ref() -> torch.Tensor:
-        return _gemm.fp8_gemm(a, a_scale, b, b_scale, out_dtype, promote_every, accum_bits,
-                              block_size=block_size, mma_k=mma_k)
-
-    operands = (a, a_scale, b, b_scale)
-    if (_library() is None or accum_bits is not None or promote_every != block_size
-            or not _positive_int(block_size)
-            or not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in operands)
-            or a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn
-            or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1] or a.numel() == 0
-            or b.numel() == 0 or not a_scale.is_floating_point() or not b_scale.is_floating_point()):
-        return ref()
-    (m, k), n = a.shape, b.shape[0]
-    kb = math.ceil(k / block_size)
-    if tuple(a_scale.shape) != (m, kb) or tuple(b_scale.shape) != (math.ceil(n / block_size), kb):
-        return ref()  # raises the reference's shape error
+    _gemm.check_operands(a, a_scale, b, b_scale, block_size)
+    CPU.check(OpCall("fp8_gemm", _device(a, a_scale, b, b_scale), a.dtype,
+                     codes=(a.dtype, b.dtype), out_dtype=out_dtype, sizes=(block_size,),
+                     accum_bits=accum_bits, promote_every=promote_every))
     x = dequantize_groupwise(a, a_scale, block_size, torch.float32)
     y = weight_only_linear(x, b, b_scale, block_size=(block_size, block_size))
     return y.to(out_dtype)

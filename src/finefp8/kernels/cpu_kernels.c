@@ -39,7 +39,32 @@
 #define E4M3_MIN_NORMAL_BITS 0x3C800000u /* 2^-6 */
 #define F32_INF_BITS 0x7F800000u
 
-int ff8_abi_version(void) { return 5; }
+int ff8_abi_version(void) { return 6; }
+
+#if defined(FF8_HAVE_F16C) && defined(__AVX512F__) && defined(__AVX512BW__) && \
+    defined(__AVX512VL__) && defined(__AVX512BF16__)
+#define FF8_HAVE_AVX512BF16 1
+#endif
+
+/* The vector paths compiled in: 1 = AVX2 + F16C + FMA, 2 = AVX-512F/BW, 4 = AVX-512-BF16
+ * (the bf16 dot-product linear layer); 8 = OpenMP (the *_mt entry points split a call over
+ * threads).  0: the portable C code, one thread per call. */
+int ff8_isa(void) {
+    int bits = 0;
+#ifdef FF8_HAVE_GEMV
+    bits |= 1;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    bits |= 2;
+#endif
+#ifdef FF8_HAVE_AVX512BF16
+    bits |= 4;
+#endif
+#ifdef _OPENMP
+    bits |= 8;
+#endif
+    return bits;
+}
 
 /* Ask the kernel to back the whole 2 MiB pages inside [p, p + nbytes) with huge pages when
  * they are first touched.  Fresh output tensors are not touched yet; with 4 KiB pages the
@@ -604,6 +629,50 @@ static void linear_gemv(const float *x, int64_t K, const uint8_t *q, const float
 }
 #endif
 
+#ifdef FF8_HAVE_AVX512BF16
+/* linear_gemv with 512-bit vectors: 32 codes per step, decoded as in decode_div256 (F16C on
+ * 16 lanes) and multiplied into two 16-lane fp32 accumulators; same sums per K block. */
+static void linear_gemv512(const float *x, int64_t K, const uint8_t *q, const float *scale,
+                           int64_t bm, int64_t bn, int64_t bnp, int64_t n0, int64_t n1, float *y) {
+    const int64_t gk = (K + bn - 1) / bn;
+    const __m256i m7f = _mm256_set1_epi8(0x7F);
+    const __m512i clear14 = _mm512_set1_epi16((short)0xBFFF);
+    for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t *qr = q + n * K;
+        const float *srow = scale + (n / bm) * gk;
+        __m512 tot = _mm512_setzero_ps();
+        float tot_tail = 0.0f;
+        for (int64_t kb = 0; kb < gk; ++kb) {
+            const int64_t k0 = kb * bn, len = imin(bn, K - k0);
+            const uint8_t *qb = qr + k0;
+            const float *xb = x + kb * bnp;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+            __mmask32 nanm = 0;
+            int64_t c = 0;
+            for (; c + 32 <= len; c += 32) {
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(qb + c));
+                nanm |= _mm256_cmpeq_epi8_mask(_mm256_and_si256(b, m7f), m7f);
+                __m512i h = _mm512_slli_epi16(_mm512_cvtepu8_epi16(b), 8);
+                h = _mm512_and_si512(_mm512_srai_epi16(h, 1), clear14);
+                a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), _mm512_loadu_ps(xb + c), a0);
+                a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), _mm512_loadu_ps(xb + c + 16), a1);
+            }
+            int nan = nanm != 0;
+            float tail = 0.0f;  /* the last < 32 channels, in true values */
+            for (; c < len; ++c) {
+                tail += e4m3_to_f32(qb[c]) * xb[c];
+                nan |= (qb[c] & 0x7F) == 0x7F;
+            }
+            const float sc = nan ? NAN : srow[kb];
+            tot = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(256.0f)),
+                                  _mm512_set1_ps(sc), tot);
+            tot_tail += tail * sc;
+        }
+        y[n] = _mm512_reduce_add_ps(tot) + tot_tail;
+    }
+}
+#endif
+
 /* y[t, n] = sum_k x[t, k] * decode(q[n, k]) * scale[n / bm, k / bn] for rows [n0, n1).
  *
  * x:  [T, gk, bnp] fp32, the activations with each K block zero-padded to bnp (a multiple
@@ -618,6 +687,9 @@ static void linear_gemv(const float *x, int64_t K, const uint8_t *q, const float
 int ff8_linear_w8(const float *x, int64_t T, int64_t K, const uint8_t *q, const float *scale,
                   int64_t N, int64_t bm, int64_t bn, int64_t bnp, int64_t n0, int64_t n1,
                   float *y) {
+#ifdef FF8_HAVE_AVX512BF16
+    if (T == 1) { linear_gemv512(x, K, q, scale, bm, bn, bnp, n0, n1, y); return 0; }
+#endif
 #ifdef FF8_HAVE_GEMV
     if (T == 1) { linear_gemv(x, K, q, scale, N, bm, bn, bnp, n0, n1, y); return 0; }
 #endif
@@ -695,4 +767,211 @@ int ff8_linear_w8(const float *x, int64_t T, int64_t K, const uint8_t *q, const 
     free(wbuf);
     free(tot);
     return 0;
+}
+
+/* ------------------------------------------------------------------ weight-only linear, bf16 */
+
+#ifdef FF8_HAVE_AVX512BF16
+#define LINB_R 4  /* weight rows per micro-tile */
+
+/* 32 E4M3 codes -> 32 bf16 values decode(q) / 256, exact (the F16C step of decode_div256,
+ * then fp32 -> bf16, exact for these 4-significant-bit values); *nan |= a NaN code seen. */
+static inline __m512bh decode32_bf16(const uint8_t *q, __mmask32 *nan) {
+    const __m256i b = _mm256_loadu_si256((const __m256i *)q);
+    const __m256i m7f = _mm256_set1_epi8(0x7F);
+    *nan |= _mm256_cmpeq_epi8_mask(_mm256_and_si256(b, m7f), m7f);
+    __m512i h = _mm512_slli_epi16(_mm512_cvtepu8_epi16(b), 8);
+    h = _mm512_and_si512(_mm512_srai_epi16(h, 1), _mm512_set1_epi16((short)0xBFFF));
+    const __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(h));
+    const __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+#endif
+
+/* y[t, n] = sum_k x[t, k] * decode(q[n, k]) * scale[n / bm, k / bn] for rows [n0, n1), with
+ * bfloat16 activations and the CPU's bf16 dot-product instruction (AVX-512-BF16 vdpbf16ps).
+ *
+ * x:  [T, gk, bnp] bf16, each K block zero-padded to bnp (a multiple of 32) channels.
+ * q:  [N, K] E4M3 codes; scale: [ceil(N / bm), gk] fp32; y: [T, N] fp32.
+ *
+ * Per tile of LINB_R weight rows and one K block, the codes are decoded once into bf16 in a
+ * buffer that stays in L1 (E4M3 values are exact in bf16); every token then runs LINB_R
+ * 16-lane dot products against it.  Each product of a bf16 activation and a decoded weight is
+ * exact in fp32 and accumulated in fp32 (vdpbf16ps rounds to nearest even and treats bf16
+ * subnormal inputs as zero); each block's partial sum is scaled by 256 * s and added to the
+ * (row, token) total.  Returns 0, -1 when scratch memory could not be allocated, -2 when
+ * the library was built without AVX-512-BF16 (the caller then uses ff8_linear_w8). */
+int ff8_linear_w8_bf16(const uint16_t *x, int64_t T, int64_t K, const uint8_t *q,
+                       const float *scale, int64_t N, int64_t bm, int64_t bn, int64_t bnp,
+                       int64_t n0, int64_t n1, float *y) {
+#ifndef FF8_HAVE_AVX512BF16
+    (void)x; (void)T; (void)K; (void)q; (void)scale; (void)N; (void)bm; (void)bn; (void)bnp;
+    (void)n0; (void)n1; (void)y;
+    return -2;
+#else
+    const int64_t gk = (K + bn - 1) / bn;
+    const int64_t nv = bnp / 32;
+    void *wmem = NULL, *tmem = NULL;
+    if (posix_memalign(&wmem, 64, (size_t)(LINB_R * nv) * sizeof(__m512bh)) != 0) wmem = NULL;
+    if (posix_memalign(&tmem, 64, (size_t)(LINB_R * T) * sizeof(__m512)) != 0) tmem = NULL;
+    if (!wmem || !tmem) { free(wmem); free(tmem); return -1; }
+    __m512bh *w = (__m512bh *)wmem;
+    __m512 *tot = (__m512 *)tmem;
+    uint8_t tail[32];
+    for (int64_t n = n0; n < n1; n += LINB_R) {
+        const int64_t rows = imin(LINB_R, n1 - n);
+        for (int64_t i = 0; i < LINB_R * T; ++i) tot[i] = _mm512_setzero_ps();
+        for (int64_t kb = 0; kb < gk; ++kb) {
+            const int64_t k0 = kb * bn, len = imin(bn, K - k0);
+            __m512 sv[LINB_R];
+            for (int64_t r = 0; r < LINB_R; ++r) {
+                __m512bh *wr = w + r * nv;
+                if (r < rows) {
+                    const uint8_t *qr = q + (n + r) * K + k0;
+                    if (k0 + 8 * bn < K) {
+                        for (int64_t c = 0; c < len; c += 64) __builtin_prefetch(qr + 8 * bn + c, 0, 0);
+                    }
+                    __mmask32 nan = 0;
+                    for (int64_t v = 0; v < nv; ++v) {
+                        const int64_t c = v * 32;
+                        if (c + 32 <= len) {
+                            wr[v] = decode32_bf16(qr + c, &nan);
+                        } else {
+                            memset(tail, 0, sizeof tail);
+                            if (c < len) memcpy(tail, qr + c, (size_t)(len - c));
+                            wr[v] = decode32_bf16(tail, &nan);
+                        }
+                    }
+                    const float s = scale[((n + r) / bm) * gk + kb];
+                    sv[r] = _mm512_set1_ps(nan ? NAN : s * 256.0f);
+                } else {
+                    for (int64_t v = 0; v < nv; ++v) wr[v] = (__m512bh)_mm512_setzero_si512();
+                    sv[r] = _mm512_setzero_ps();
+                }
+            }
+            if (nv == 4) {  /* bn = 128 (the common block): the tile's 16 vectors in registers */
+                const __m512bh w00 = w[0], w01 = w[1], w02 = w[2], w03 = w[3];
+                const __m512bh w10 = w[4], w11 = w[5], w12 = w[6], w13 = w[7];
+                const __m512bh w20 = w[8], w21 = w[9], w22 = w[10], w23 = w[11];
+                const __m512bh w30 = w[12], w31 = w[13], w32 = w[14], w33 = w[15];
+                for (int64_t t = 0; t < T; ++t) {
+                    const uint16_t *xb = x + (t * gk + kb) * bnp;
+                    const __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)xb);
+                    const __m512bh x1 = (__m512bh)_mm512_loadu_si512((const void *)(xb + 32));
+                    const __m512bh x2 = (__m512bh)_mm512_loadu_si512((const void *)(xb + 64));
+                    const __m512bh x3 = (__m512bh)_mm512_loadu_si512((const void *)(xb + 96));
+                    const __m512 z = _mm512_setzero_ps();
+                    __m512 a0 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(z, x0, w00), x1, w01);
+                    __m512 a1 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(z, x0, w10), x1, w11);
+                    __m512 a2 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(z, x0, w20), x1, w21);
+                    __m512 a3 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(z, x0, w30), x1, w31);
+                    a0 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(a0, x2, w02), x3, w03);
+                    a1 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(a1, x2, w12), x3, w13);
+                    a2 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(a2, x2, w22), x3, w23);
+                    a3 = _mm512_dpbf16_ps(_mm512_dpbf16_ps(a3, x2, w32), x3, w33);
+                    __m512 *tt = tot + t * LINB_R;
+                    tt[0] = _mm512_fmadd_ps(a0, sv[0], tt[0]);
+                    tt[1] = _mm512_fmadd_ps(a1, sv[1], tt[1]);
+                    tt[2] = _mm512_fmadd_ps(a2, sv[2], tt[2]);
+                    tt[3] = _mm512_fmadd_ps(a3, sv[3], tt[3]);
+                }
+                continue;
+            }
+            for (int64_t t = 0; t < T; ++t) {
+                const uint16_t *xb = x + (t * gk + kb) * bnp;
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t v = 0; v < nv; ++v) {
+                    const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(xb + 32 * v));
+                    a0 = _mm512_dpbf16_ps(a0, xv, w[v]);
+                    a1 = _mm512_dpbf16_ps(a1, xv, w[nv + v]);
+                    a2 = _mm512_dpbf16_ps(a2, xv, w[2 * nv + v]);
+                    a3 = _mm512_dpbf16_ps(a3, xv, w[3 * nv + v]);
+                }
+                __m512 *tt = tot + t * LINB_R;
+                tt[0] = _mm512_fmadd_ps(a0, sv[0], tt[0]);
+                tt[1] = _mm512_fmadd_ps(a1, sv[1], tt[1]);
+                tt[2] = _mm512_fmadd_ps(a2, sv[2], tt[2]);
+                tt[3] = _mm512_fmadd_ps(a3, sv[3], tt[3]);
+            }
+        }
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t r = 0; r < rows; ++r) y[t * N + n + r] = _mm512_reduce_add_ps(tot[t * LINB_R + r]);
+    }
+    free(wmem);
+    free(tmem);
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------ threads (OpenMP)
+ *
+ * Each *_mt function runs its kernel over the whole range, cut into contiguous chunks (4 per
+ * thread) handed out dynamically to `threads` OpenMP threads.  Built with -fopenmp, the library
+ * needs libgomp.so.1; loaded into a process where PyTorch already loaded its own libgomp.so.1,
+ * the dynamic loader reuses that one, so these regions run on the same OpenMP threads as
+ * PyTorch's own operators (no second pool competing for the cores, no spinning threads to
+ * wait behind).  Without OpenMP the pragmas are ignored and the loop runs on one thread. */
+
+static inline int64_t ff8_chunks(int64_t n, int threads) {
+    if (threads <= 1 || n <= 1) return n < 1 ? 0 : 1;
+    return n < 4 * (int64_t)threads ? n : 4 * (int64_t)threads;
+}
+
+int64_t ff8_quant_block_mt(const void *x, int dt, int64_t M, int64_t N, int64_t bm, int64_t bn,
+                           float amax_floor, int ue8m0, uint8_t *q, float *scale, int threads) {
+    const int64_t gm = (M + bm - 1) / bm, nc = ff8_chunks(gm, threads);
+    int64_t bad = 0, fail = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : bad) \
+    reduction(| : fail) if (nc > 1)
+    for (int64_t c = 0; c < nc; ++c) {
+        const int64_t r = ff8_quant_block(x, dt, M, N, bm, bn, gm * c / nc, gm * (c + 1) / nc,
+                                          amax_floor, ue8m0, q, scale);
+        if (r < 0) fail |= 1; else bad += r;
+    }
+    return fail ? -1 : bad;
+}
+
+int64_t ff8_quant_group_mt(const void *x, int dt, int64_t T, int64_t K, int64_t g,
+                           float amax_floor, int ue8m0, uint8_t *q, float *scale, int threads) {
+    const int64_t nc = ff8_chunks(T, threads);
+    int64_t bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : bad) if (nc > 1)
+    for (int64_t c = 0; c < nc; ++c)
+        bad += ff8_quant_group(x, dt, T, K, g, T * c / nc, T * (c + 1) / nc, amax_floor, ue8m0,
+                               q, scale);
+    return bad;
+}
+
+void ff8_dequant_block_mt(const uint8_t *q, const float *scale, int64_t M, int64_t N, int64_t bm,
+                          int64_t bn, void *out, int dt, int threads) {
+    const int64_t gm = (M + bm - 1) / bm, nc = ff8_chunks(gm, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (nc > 1)
+    for (int64_t c = 0; c < nc; ++c)
+        ff8_dequant_block(q, scale, M, N, bm, bn, gm * c / nc, gm * (c + 1) / nc, out, dt);
+}
+
+void ff8_dequant_group_mt(const uint8_t *q, const float *scale, int64_t T, int64_t K, int64_t g,
+                          void *out, int dt, int threads) {
+    const int64_t nc = ff8_chunks(T, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (nc > 1)
+    for (int64_t c = 0; c < nc; ++c)
+        ff8_dequant_group(q, scale, T, K, g, T * c / nc, T * (c + 1) / nc, out, dt);
+}
+
+/* ff8_linear_w8 (bf16 = 0) or ff8_linear_w8_bf16 (bf16 = 1) over all N rows; chunks are
+ * multiples of 4 rows (the micro-tile).  Returns 0, -1 (no scratch memory) or -2. */
+int ff8_linear_mt(const void *x, int bf16, int64_t T, int64_t K, const uint8_t *q,
+                  const float *scale, int64_t N, int64_t bm, int64_t bn, int64_t bnp, float *y,
+                  int threads) {
+    const int64_t tiles = (N + 3) / 4, nc = ff8_chunks(tiles, threads);
+    int fail = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(| : fail) if (nc > 1)
+    for (int64_t c = 0; c < nc; ++c) {
+        const int64_t n0 = imin(N, 4 * (tiles * c / nc)), n1 = imin(N, 4 * (tiles * (c + 1) / nc));
+        const int r = bf16 ? ff8_linear_w8_bf16((const uint16_t *)x, T, K, q, scale, N, bm, bn, bnp,
+                                                n0, n1, y)
+                           : ff8_linear_w8((const float *)x, T, K, q, scale, N, bm, bn, bnp, n0, n1, y);
+        fail |= r;
+    }
+    return fail;
 }

@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..gemm import _check_operands
+from ..gemm import check_operands
 
 __all__ = [
     "GemmProblem",
@@ -106,7 +106,7 @@ def fp8_gemm_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     Returns:
         ``[M, N]`` of ``out_dtype``. Shapes must pass ``scaled_mm_shape_limit``.
     """
-    _check_operands(a, a_scale, b, b_scale, SCALED_MM_BLOCK)
+    check_operands(a, a_scale, b, b_scale, SCALED_MM_BLOCK)
     scale_a, scale_b = scaled_mm_scale_layouts(a_scale, b_scale)
     return torch._scaled_mm(a.contiguous(), b.contiguous().t(), scale_a, scale_b,
                             out_dtype=out_dtype, use_fast_accum=False)

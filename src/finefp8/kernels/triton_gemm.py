@@ -28,10 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gemm import _check_operands
+from ..gemm import check_operands
 from . import gemm_limit, interpreter_enabled, on_device
 
-__all__ = ["fp8_gemm", "block_scaled_dot", "SMALL_M", "SMALL_M_CONFIGS", "LARGE_M_CONFIGS", "interpreter_config"]
+__all__ = ["fp8_gemm", "block_scaled_dot", "SMALL_M", "SMALL_M_CONFIGS", "LARGE_M_CONFIGS",
+           "interpreter_config"]
 
 SMALL_M = 64
 
@@ -40,7 +41,9 @@ SMALL_M = 64
 def block_scaled_dot(a_ptr, b_ptr, a_s_ptr, b_s_ptr, offs_m, offs_n, K, pid_k,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr):
-    """``sum over K blocks kb (every SPLIT_K-th from pid_k) of dot(A[m, kb], B[n, kb].T) * sa[m, kb] * sb[n//BK, kb]``.
+    """The scaled K loop: ``acc = sum_kb dot(A[m, kb], B[n, kb].T) * sa[m, kb] * sb[n // BK, kb]``.
+
+    Over every ``SPLIT_K``-th K block ``kb`` from ``pid_k``.
 
     a_ptr: [*, K] fp8 rows ``offs_m`` (BLOCK_M indices, all valid rows); b_ptr: [*, K] fp8 rows
     ``offs_n`` (BLOCK_N valid indices); a_s_ptr: [*, KB] fp32 (1x128 group scales of A's rows);
@@ -172,7 +175,7 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
     Returns:
         ``[M, N]`` tensor of ``out_dtype``.
     """
-    m, n, k, _ = _check_operands(a, a_scale, b, b_scale, block_size)
+    m, n, k, _ = check_operands(a, a_scale, b, b_scale, block_size)
     limit = gemm_limit(out_dtype, block_size, None, block_size, a.dtype, b.dtype)
     if limit:
         raise ValueError(f"fp8_gemm (triton): {limit}")

@@ -33,10 +33,11 @@ from ..quantization import (
     AMAX_FLOOR,
     BLOCK_SIZE,
     GROUP_SIZE,
-    SCALE_FMTS,
-    _raise_nonfinite_block,
-    _raise_nonfinite_group,
     block_grid,
+    check_scale_fmt,
+    label,
+    raise_nonfinite_block,
+    raise_nonfinite_group,
 )
 from . import (
     act_quant_limit,
@@ -151,15 +152,6 @@ _act_quant_tuned = triton.autotune(
 _WEIGHT_WARPS = 8
 
 
-def _label(name: str | None, default: str) -> str:
-    return f"tensor {name!r}" if name else default
-
-
-def _check_scale_fmt(scale_fmt: str) -> None:
-    if scale_fmt not in SCALE_FMTS:
-        raise ValueError(f"scale_fmt must be one of {SCALE_FMTS}, got {scale_fmt!r}")
-
-
 def act_quant(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_fmt: str = "fp32", *,
               fmt: FP8Format | str = E4M3, amax_floor: float = AMAX_FLOOR,
               allow_nonfinite: bool = False, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,14 +165,14 @@ def act_quant(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_fmt: str = "f
         ``(q, s)``: ``q`` float8_e4m3fn of ``x``'s shape, ``s`` fp32 ``[..., ceil(K/group_size)]``.
     """
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{_label(name, 'activation')}: expected a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{label(name, 'activation')}: expected a torch.Tensor, got {type(x).__name__}")
     limit = act_quant_limit(x, group_size, fmt)
     if limit:
-        raise ValueError(f"act_quant, {_label(name, 'activation')}: {limit}")
+        raise ValueError(f"act_quant, {label(name, 'activation')}: {limit}")
     if x.dim() < 1 or x.shape[-1] == 0:
-        raise ValueError(f"{_label(name, 'activation')}: needs a non-empty last dimension, "
+        raise ValueError(f"{label(name, 'activation')}: needs a non-empty last dimension, "
                          f"got shape {tuple(x.shape)}")
-    _check_scale_fmt(scale_fmt)
+    check_scale_fmt(scale_fmt)
     k = x.shape[-1]
     lead = tuple(x.shape[:-1])
     x2 = x.reshape(-1, k).contiguous()
@@ -199,7 +191,7 @@ def act_quant(x: torch.Tensor, group_size: int = GROUP_SIZE, scale_fmt: str = "f
                 _act_quant_tuned[lambda m: (triton.cdiv(r, m["BLOCK_R"]), ng)](*args, **meta)
     s = s.view(*lead, ng)
     if not allow_nonfinite and not bool(torch.isfinite(s).all()):
-        _raise_nonfinite_group(s, k, group_size, name)
+        raise_nonfinite_group(s, k, group_size, name)
     return q.view(x.shape), s
 
 
@@ -215,14 +207,14 @@ def weight_quant(w: torch.Tensor, block_size: tuple[int, int] = BLOCK_SIZE, scal
         ``(q, s)``: ``q`` float8_e4m3fn ``[M, N]``, ``s`` fp32 ``[ceil(M/bm), ceil(N/bn)]``.
     """
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{_label(name, 'weight')}: expected a torch.Tensor, got {type(w).__name__}")
+        raise TypeError(f"{label(name, 'weight')}: expected a torch.Tensor, got {type(w).__name__}")
     limit = weight_quant_limit(w, block_size, fmt)
     if limit:
-        raise ValueError(f"weight_quant, {_label(name, 'weight')}: {limit}")
+        raise ValueError(f"weight_quant, {label(name, 'weight')}: {limit}")
     if w.dim() != 2 or w.numel() == 0:
-        raise ValueError(f"{_label(name, 'weight')}: block-wise quantization needs a non-empty 2-D "
+        raise ValueError(f"{label(name, 'weight')}: block-wise quantization needs a non-empty 2-D "
                          f"tensor, got shape {tuple(w.shape)}")
-    _check_scale_fmt(scale_fmt)
+    check_scale_fmt(scale_fmt)
     bm, bn = (int(b) for b in block_size)
     m, n = w.shape
     gm, gn = block_grid((m, n), (bm, bn))
@@ -234,39 +226,39 @@ def weight_quant(w: torch.Tensor, block_size: tuple[int, int] = BLOCK_SIZE, scal
                          UE8M0=scale_fmt == "ue8m0", ALLOW_NONFINITE=bool(allow_nonfinite),
                          num_warps=_WEIGHT_WARPS)
     if not allow_nonfinite and not bool(torch.isfinite(s).all()):
-        _raise_nonfinite_block(s, (m, n), (bm, bn), name)
+        raise_nonfinite_block(s, (m, n), (bm, bn), name)
     return q, s
 
 
-def weight_dequant(q: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int] = BLOCK_SIZE,
+def weight_dequant(q: torch.Tensor, scale: torch.Tensor, block_size: tuple[int, int] = BLOCK_SIZE,
                    dtype: torch.dtype = torch.bfloat16, *, name: str | None = None) -> torch.Tensor:
-    """``w = q.float() * scale_inv`` per block, cast to ``dtype``, on the GPU.
+    """``w = q.float() * scale`` per block, cast to ``dtype``, on the GPU.
 
     Args:
         q: ``[M, N]`` float8_e4m3fn or float8_e5m2.
-        scale_inv: ``[ceil(M/bm), ceil(N/bn)]`` fp32 / bf16 / fp16 (read as fp32).
+        scale: ``[ceil(M/bm), ceil(N/bn)]`` fp32 / bf16 / fp16 (read as fp32).
         dtype: bfloat16, float16 or float32.
     Returns:
         ``[M, N]`` tensor of ``dtype``.
     """
-    if not isinstance(q, torch.Tensor) or not isinstance(scale_inv, torch.Tensor):
-        raise TypeError(f"weight_dequant, {_label(name, 'weight')}: expected torch.Tensor inputs")
+    if not isinstance(q, torch.Tensor) or not isinstance(scale, torch.Tensor):
+        raise TypeError(f"weight_dequant, {label(name, 'weight')}: expected torch.Tensor inputs")
     limit = weight_dequant_limit(q, block_size, dtype)
     if limit:
-        raise ValueError(f"weight_dequant, {_label(name, 'weight')}: {limit}")
+        raise ValueError(f"weight_dequant, {label(name, 'weight')}: {limit}")
     if q.dim() != 2:
-        raise ValueError(f"{_label(name, 'weight')}: expected a 2-D tensor, got shape {tuple(q.shape)}")
+        raise ValueError(f"{label(name, 'weight')}: expected a 2-D tensor, got shape {tuple(q.shape)}")
     bm, bn = (int(b) for b in block_size)
     m, n = q.shape
     grid = block_grid((m, n), (bm, bn))
-    if tuple(scale_inv.shape) != grid:
-        raise ValueError(f"{_label(name, 'weight')}: scale shape {tuple(scale_inv.shape)} does not match "
+    if tuple(scale.shape) != grid:
+        raise ValueError(f"{label(name, 'weight')}: scale shape {tuple(scale.shape)} does not match "
                          f"weight shape {(m, n)} with {bm}x{bn} blocks (expected {grid})")
-    if scale_inv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        scale_inv = scale_inv.float()
+    if scale.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        scale = scale.float()
     y = torch.empty((m, n), dtype=dtype, device=q.device)
     if q.numel():
         with on_device(q):
-            _weight_dequant_kernel[grid](q.contiguous(), scale_inv.contiguous(), y, m, n, BLOCK_M=bm, BLOCK_N=bn,
+            _weight_dequant_kernel[grid](q.contiguous(), scale.contiguous(), y, m, n, BLOCK_M=bm, BLOCK_N=bn,
                          num_warps=_WEIGHT_WARPS)
     return y

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..formats import FP8_DTYPES
 from .config import FP8Config
 
-__all__ = ["FP8Linear", "WeightQuantizer", "resident_bytes"]
-
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+__all__ = ["FP8Linear", "WeightQuantizer", "resident_bytes", "quantize_activation",
+           "gemm_scale_index", "apply_keeping_codes", "unique_tensor_bytes"]
 
 #: ``(w [N, K] float, block_size, scale_fmt, *, name) -> (q [N, K] fp8, scale_inv grid fp32)``,
 #: the signature of ``finefp8.ops.quantize_blockwise``; any other choice of codes or scales that
@@ -44,17 +44,19 @@ def _label(name: str | None) -> str:
     return f"FP8Linear {name!r}" if name else "FP8Linear"
 
 
-def _gemm_scale_index(dim: int, block: int, group: int, what: str, name: str | None) -> torch.Tensor | None:
+def gemm_scale_index(dim: int, block: int, group: int, what: str,
+                     name: str | None) -> torch.Tensor | None:
     """Map the GEMM's ``group``-sized scale blocks along one dimension to the weight's blocks.
 
     Returns ``None`` when they coincide (``block == group``), otherwise the index of the weight
-    block that holds each group. Needs ``block % group == 0`` or one block covering ``dim``.
+    block that holds each group. Needs ``block % group == 0`` or one block covering ``dim``;
+    ``name`` labels the error (a module name).
     """
     if block == group:
         return None
     if block % group and block < dim:
         raise ValueError(
-            f"{_label(name)}: a weight block of {block} {what} cannot be used with the "
+            f"{name or 'FP8 layer'}: a weight block of {block} {what} cannot be used with the "
             f"block-scaled GEMM's groups of {group}: use blocks that are multiples of {group}, "
             f"or mode='weight_only'"
         )
@@ -100,8 +102,10 @@ class FP8Linear(nn.Module):
         self._rows = self._cols = None
         if self.config.mode == "w8a8":
             g = self.config.act_group_size
-            self._rows = _gemm_scale_index(self.out_features, self.block_size[0], g, "rows", name)
-            self._cols = _gemm_scale_index(self.in_features, self.block_size[1], g, "columns", name)
+            self._rows = gemm_scale_index(self.out_features, self.block_size[0], g, "rows",
+                                          _label(name))
+            self._cols = gemm_scale_index(self.in_features, self.block_size[1], g, "columns",
+                                          _label(name))
 
     # ------------------------------------------------------------------------- construction
 
@@ -186,23 +190,8 @@ class FP8Linear(nn.Module):
     # ------------------------------------------------------------------------- math
 
     def quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantize an input as the forward pass does: ``x ~= q * s`` per group.
-
-        Returns ``q`` of ``x``'s shape (E4M3) and ``s`` of shape ``x.shape[:-1] + (ceil(K/g),)``
-        (fp32, ``g = config.act_group_size``): for ``"token"`` and ``"tensor"`` granularity the one
-        scale is repeated over the groups, so ``ops.dequantize_groupwise(q, s, g)`` always inverts it.
-        """
-        c = self.config
-        g, k = c.act_group_size, x.shape[-1]
-        kb = math.ceil(k / g)
-        if c.act_granularity == "group":
-            return ops.quantize_groupwise(x, g, c.scale_fmt, name=self.name)
-        if c.act_granularity == "token":
-            q, s = ops.quantize_groupwise(x, k, c.scale_fmt, name=self.name)
-            return q, s.expand(*x.shape[:-1], kb).contiguous()
-        q, s = ops.quantize_groupwise(x.reshape(1, -1), x.numel(), c.scale_fmt, name=self.name)
-        s = s.view(*([1] * (x.dim() - 1)), 1).expand(*x.shape[:-1], kb).contiguous()
-        return q.view(x.shape), s
+        """Quantize an input as the forward pass does (``quantize_activation`` with this config)."""
+        return quantize_activation(x, self.config, self.name)
 
     def fake_quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """``dequant(quant(x))`` in fp32: the input the FP8 GEMM effectively sees."""
@@ -254,23 +243,10 @@ class FP8Linear(nn.Module):
     # ------------------------------------------------------------------------- memory, printing
 
     def _apply(self, fn, recurse: bool = True):
-        """Keep the FP8 codes and the fp32 scales in their dtypes through ``.to(dtype)``/``.half()``.
-
-        ``nn.Module.to(torch.bfloat16)`` casts every floating-point tensor, FP8 included; here the
-        codes and scales only follow device moves, while the bias follows dtype changes as well.
-        """
-        keep = {}
-        for key in ("weight", "weight_scale_inv"):
-            t = self._buffers.get(key)
-            if t is not None and (t.dtype in FP8_DTYPES or key == "weight_scale_inv"):
-                keep[key] = self._buffers.pop(key)
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for key, t in keep.items():
-                probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
-                self._buffers[key] = fn(t) if probe.dtype == t.dtype else t.to(probe.device)
-        return self
+        """Keep the FP8 codes and the fp32 scales in their dtypes through ``.to(dtype)``/``.half()``
+        (``apply_keeping_codes``); the bias follows dtype changes as usual."""
+        return apply_keeping_codes(self, super()._apply, fn, recurse,
+                                   ("weight", "weight_scale_inv"))
 
     def weight_bytes(self) -> int:
         """Bytes held by this layer: codes + scales + bias (what stays resident)."""
@@ -280,6 +256,48 @@ class FP8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {self.config.describe()}")
+
+
+def quantize_activation(x: torch.Tensor, config: FP8Config,
+                        name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize an activation as an FP8 layer's forward pass does: ``x ~= q * s`` per group.
+
+    Returns ``q`` of ``x``'s shape (E4M3) and ``s`` of shape ``x.shape[:-1] + (ceil(K/g),)``
+    (fp32, ``g = config.act_group_size``): for ``"token"`` and ``"tensor"`` granularity the one
+    scale is repeated over the groups, so ``ops.dequantize_groupwise(q, s, g)`` always inverts it.
+    """
+    g, k = config.act_group_size, x.shape[-1]
+    kb = math.ceil(k / g)
+    if config.act_granularity == "group":
+        return ops.quantize_groupwise(x, g, config.scale_fmt, name=name)
+    if config.act_granularity == "token":
+        q, s = ops.quantize_groupwise(x, k, config.scale_fmt, name=name)
+        return q, s.expand(*x.shape[:-1], kb).contiguous()
+    q, s = ops.quantize_groupwise(x.reshape(1, -1), x.numel(), config.scale_fmt, name=name)
+    s = s.view(*([1] * (x.dim() - 1)), 1).expand(*x.shape[:-1], kb).contiguous()
+    return q.view(x.shape), s
+
+
+def apply_keeping_codes(module: nn.Module, parent_apply: Callable, fn: Callable, recurse: bool,
+                        keys: Iterable[str]) -> nn.Module:
+    """``nn.Module._apply`` that keeps FP8 codes and fp32 scales in their dtypes.
+
+    ``nn.Module.to(torch.bfloat16)`` casts every floating-point tensor, FP8 included; the
+    buffers named in ``keys`` that hold FP8 codes, or whose name ends in ``scale_inv``, only
+    follow device moves. ``parent_apply`` is the bound ``super()._apply`` of ``module``.
+    """
+    keep = {}
+    for key in keys:
+        t = module._buffers.get(key)
+        if t is not None and (t.dtype in FP8_DTYPES or key.endswith("scale_inv")):
+            keep[key] = module._buffers.pop(key)
+    try:
+        parent_apply(fn, recurse)
+    finally:
+        for key, t in keep.items():
+            probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            module._buffers[key] = fn(t) if probe.dtype == t.dtype else t.to(probe.device)
+    return module
 
 
 def unique_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -9,8 +9,12 @@ Either on-disk layout (docs/checkpoints.md) is read through ``finefp8.checkpoint
    are not multiples of 128).
 2. The model is built with its parameters on the meta device (nothing allocated, nothing
    initialized) and its buffers (rotary tables) computed normally.
-3. Every FP8 ``<module>.weight`` with a scale becomes an ``FP8Linear`` holding the codes and
-   scales exactly as stored (no dequantize / requantize round trip), any shape.
+3. Every fused MoE experts module (``finefp8.nn.experts``) takes its per-expert tensors
+   (``...experts.{e}.gate_proj.weight`` etc., named as transformers' conversion mapping says,
+   see ``finefp8.nn.expert_checkpoint``): FP8 ones become an ``FP8Experts`` holding the codes
+   and scales as stored, float ones are stacked into the fused parameters.
+   Every other FP8 ``<module>.weight`` with a scale becomes an ``FP8Linear`` holding the codes
+   and scales exactly as stored (no dequantize / requantize round trip), any shape.
 4. Every other tensor is loaded as it is, cast to ``dtype``; tied embeddings are tied; a
    parameter the checkpoint does not provide is an error naming it.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,11 +37,16 @@ from ..checkpoint import (
     scale_key,
 )
 from ..checkpoint.layout import is_scale_key, module_of
+from ..checkpoint.validate import scale_problem
+from ..formats import FP8_DTYPES
+from ..hub import resolve_model
 from .config import FP8Config
 from .convert import resolve_config
+from .expert_checkpoint import key_renamer, read_experts
+from .experts import experts_modules
 from .linear import FP8Linear
 
-__all__ = ["load", "checkpoint_fp8_config"]
+__all__ = ["load", "checkpoint_fp8_config", "empty_model"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +99,7 @@ def checkpoint_fp8_config(config: dict) -> FP8Config:
     return FP8Config(**kwargs)
 
 
-def _empty_model(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def empty_model(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     """The model of ``hf_config`` with parameters on the meta device and real buffers."""
     try:
         from accelerate import init_empty_weights
@@ -104,13 +113,32 @@ def _empty_model(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> nn.M
                                                 trust_remote_code=trust_remote_code)
 
 
+def _experts(model: nn.Module, reader: CheckpointReader, fmt: str, config: FP8Config,
+             dtype: torch.dtype) -> tuple[set[str], dict[str, torch.Tensor]]:
+    """Read every fused experts module; returns (keys used, float fused tensors to load)."""
+    used: set[str] = set()
+    state: dict[str, torch.Tensor] = {}
+    for name, module in experts_modules(model).items():
+        fp8, tensors, keys = read_experts(model, name, module, reader, fmt, config, dtype)
+        used |= keys
+        state.update(tensors)
+        if fp8 is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, fp8)
+    return used, state
+
+
 def _fp8_layers(model: nn.Module, reader: CheckpointReader, fmt: str, config: FP8Config,
-                dtype: torch.dtype, skip: list[re.Pattern]) -> tuple[set[str], list[str]]:
-    """Install an ``FP8Linear`` for every FP8 weight; returns (keys used, unexpected keys)."""
+                dtype: torch.dtype, skip: list[re.Pattern], claimed: set[str] = frozenset(),
+                rename: Callable[[str], str] = str) -> tuple[set[str], list[str]]:
+    """Install an ``FP8Linear`` for every FP8 weight not in ``claimed`` (read as experts), at
+    the model name ``rename(key)``; returns (keys used, unexpected keys)."""
     used: set[str] = set()
     unexpected: list[str] = []
     for key in reader.quantized_weights():
-        name = module_of(key)
+        if key in claimed:
+            continue
+        name = module_of(rename(key))
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -134,9 +162,14 @@ def _fp8_layers(model: nn.Module, reader: CheckpointReader, fmt: str, config: FP
                 f"{name!r} is [{module.out_features}, {module.in_features}]: config.json does "
                 f"not match the weights"
             )
-        bkey = f"{name}.bias"
+        bkey = f"{module_of(key)}.bias"
         bias = reader.get(bkey).to(dtype) if bkey in reader else None
-        fp8 = FP8Linear.from_quantized(q, reader.get(skey), bias, config, name=name)
+        scale = reader.get(skey)
+        bad_scale = scale_problem(skey, scale)
+        if bad_scale is not None:
+            raise CheckpointError(f"{reader.root}: {bad_scale}. The checkpoint is corrupt: "
+                                  f"re-download or re-create it")
+        fp8 = FP8Linear.from_quantized(q, scale, bias, config, name=name)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fp8)
         used.update(k for k in (key, skey, bkey) if k in reader)
@@ -150,12 +183,15 @@ def _meta_tensors(model: nn.Module) -> list[str]:
 
 
 def load(path: str | os.PathLike, mode: str = "w8a8", dtype: torch.dtype | str | None = None, *,
-         config: FP8Config | None = None, trust_remote_code: bool = False):
+         config: FP8Config | None = None, trust_remote_code: bool = False,
+         revision: str | None = None):
     """Build a transformers causal-LM from an FP8 checkpoint directory, on the CPU.
 
     Args:
         path: directory with ``config.json`` and ``*.safetensors`` (one file or sharded) in the
-            ``"fp8"`` or compressed-tensors FP8_BLOCK layout.
+            ``"fp8"`` or compressed-tensors FP8_BLOCK layout, or a Hub ID ``org/name``
+            (``finefp8.hub.resolve_model``: the local cache first, ``HF_HUB_OFFLINE`` honoured,
+            downloads of the safetensors weights and config only).
         mode: ``"w8a8"`` (default) or ``"weight_only"`` for every ``FP8Linear``.
         dtype: dtype of the non-FP8 tensors and of the activations (``torch.float32``,
             ``torch.bfloat16``, ``torch.float16`` or their names); ``None`` takes ``config.json``'s
@@ -163,6 +199,7 @@ def load(path: str | os.PathLike, mode: str = "w8a8", dtype: torch.dtype | str |
         config: the ``FP8Config`` of the layers (default: what the checkpoint declares, see
             ``checkpoint_fp8_config``); ``mode`` overrides its mode.
         trust_remote_code: passed to transformers for models it does not ship.
+        revision: branch, tag or commit of a Hub ID ``path`` (``None``: main).
 
     Returns:
         The model in eval mode; its FP8 layers are ``FP8Linear`` with the stored codes and
@@ -173,7 +210,7 @@ def load(path: str | os.PathLike, mode: str = "w8a8", dtype: torch.dtype | str |
     if mode == "act_only":
         raise ValueError("load: mode 'act_only' needs float weights; an FP8 checkpoint has none. "
                          "Use mode='w8a8' or 'weight_only'.")
-    path = Path(path)
+    path = resolve_model(path, revision, purpose="load").path
     reader = CheckpointReader(path)
     try:
         if not (path / "config.json").is_file():
@@ -191,19 +228,22 @@ def load(path: str | os.PathLike, mode: str = "w8a8", dtype: torch.dtype | str |
         if hasattr(hf_config, "quantization_config"):
             del hf_config.quantization_config
         dtype = _as_dtype(dtype) or _config_dtype(hf_config) or torch.float32
-        model = _empty_model(hf_config, dtype, trust_remote_code)
+        model = empty_model(hf_config, dtype, trust_remote_code)
         skip = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None)
                                         or [])]
-        used, unexpected = _fp8_layers(model, reader, fmt, fp8_config, dtype, skip)
-        state = {}
+        used, state = _experts(model, reader, fmt, fp8_config, dtype)
+        rename = key_renamer(model)
+        linear_used, unexpected = _fp8_layers(model, reader, fmt, fp8_config, dtype, skip, used,
+                                              rename)
+        used |= linear_used
         for key in reader.keys():
             if key in used or is_scale_key(key):
                 continue
             t = reader.get(key)
-            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if t.dtype in FP8_DTYPES:
                 raise CheckpointError(f"{path}: tensor {key!r} is FP8 but has no "
                                       f"{scale_key(key, fmt) if key.endswith('.weight') else 'scale'}")
-            state[key] = t.to(dtype) if t.is_floating_point() else t
+            state[rename(key)] = t.to(dtype) if t.is_floating_point() else t
         try:
             result = model.load_state_dict(state, strict=False, assign=True)
         except RuntimeError as e:

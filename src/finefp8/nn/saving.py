@@ -8,6 +8,10 @@ The folder is the one ``finefp8 quantize --format fp8`` writes (docs/checkpoints
         <module>.weight_scale_inv  [ceil(N/128), ceil(K/128)]   F32       (W ~= Q * s per block)
         every other tensor of the state dict in its own dtype; a tied output head is stored
         once, under its source name, as transformers expects
+        MoE experts (``FP8Experts``) one matrix per expert and projection, under the names
+        transformers' conversion mapping gives them (``...experts.{e}.gate_proj.weight`` +
+        ``weight_scale_inv``; Mixtral ``block_sparse_moe.experts.{e}.w1`` ...), the layout of
+        DeepSeek-V3's release that vLLM and SGLang read; float experts likewise, per expert
     config.json               model.config + quantization_config {"quant_method": "fp8", ...,
                               "weight_block_size": [128, 128], "modules_to_not_convert": [...]}
     generation_config.json    when the model has one
@@ -29,7 +33,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,11 +51,13 @@ from ..checkpoint.writer import (
     write_error,
 )
 from ..quantization import BLOCK_SIZE, SCALE_FMTS
-from .convert import fp8_modules, kept_linear_modules
+from .convert import float_module, fp8_modules, kept_linear_modules, serving_problems
+from .expert_checkpoint import expert_state, float_expert_state
+from .experts import FP8Experts, experts_modules
 from .linear import FP8_DTYPES, FP8Linear
 
 __all__ = ["save_fp8", "checkpoint_tensors", "check_saveable", "check_destination",
-           "MAX_SHARD_BYTES"]
+           "kept_for_serving", "MAX_SHARD_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,13 @@ def check_destination(path: str | os.PathLike) -> Path:
     return path
 
 
-def _check_layer(name: str, layer: FP8Linear, path: Path) -> None:
+def _scales(layer: FP8Linear | FP8Experts) -> list[torch.Tensor]:
+    if isinstance(layer, FP8Experts):
+        return [layer.gate_up_proj_scale_inv, layer.down_proj_scale_inv]
+    return [layer.weight_scale_inv]
+
+
+def _check_layer(name: str, layer: FP8Linear | FP8Experts, path: Path) -> None:
     """Refuse a layer the ``"fp8"`` layout cannot describe (ValueError naming it)."""
     c = layer.config
     where = f"{_label(path)}: layer {name!r}"
@@ -88,8 +101,9 @@ def _check_layer(name: str, layer: FP8Linear, path: Path) -> None:
             "{}x{} blocks".format(*layer.block_size)
         raise ValueError(f"{where} has {blocks}; the fp8 layout stores 128x128 weight blocks. "
                          f"Quantize with FP8Config() (weight_block=(128, 128)) to save it")
-    if layer.weight.dtype != torch.float8_e4m3fn:
-        raise ValueError(f"{where} holds {layer.weight.dtype} codes; the fp8 layout stores "
+    codes = layer.gate_up_proj if isinstance(layer, FP8Experts) else layer.weight
+    if codes.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"{where} holds {codes.dtype} codes; the fp8 layout stores "
                          f"float8_e4m3fn")
     if c.mode == "w8a8" and (c.act_granularity != "group" or c.act_group_size != BLOCK_SIZE[1]):
         raise ValueError(f"{where} quantizes activations per {c.act_granularity} "
@@ -134,7 +148,7 @@ def check_saveable(model: nn.Module, scale_fmt: str | None = None,
                          f"got {scale_fmt!r}")
     if scale_fmt == "ue8m0":
         for name, layer in layers.items():
-            if not _is_pow2(layer.weight_scale_inv):
+            if not all(_is_pow2(t) for t in _scales(layer)):
                 raise ValueError(f"{_label(path)}: scale_fmt='ue8m0' declares power-of-two "
                                  f"scales, but layer {name!r} has others; quantize with "
                                  f"scale_fmt='ue8m0' or save with scale_fmt='fp32'")
@@ -153,14 +167,31 @@ def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     ``model.state_dict()`` (an ``FP8Linear`` contributes ``weight`` E4M3 + ``weight_scale_inv``
     fp32), less every tied target of ``model.all_tied_weights_keys`` (``{target: source}``,
     e.g. ``lm_head.weight`` -> ``model.embed_tokens.weight``) that shares the source's storage:
-    transformers ties it again on load.
+    transformers ties it again on load. Each fused experts module's tensors are replaced,
+    where they stood, by its per-expert tensors (``finefp8.nn.expert_checkpoint``).
     """
     state = model.state_dict()
     tied: Mapping[str, str] = getattr(model, "all_tied_weights_keys", None) or {}
     for target, source in tied.items():
         if target in state and source in state and _same_storage(state[target], state[source]):
             del state[target]
-    return state
+    experts = experts_modules(model)
+    if not experts:
+        return state
+    replaced: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in experts.items():
+        if isinstance(module, FP8Experts):
+            replaced[name] = expert_state(model, name, module)
+        else:
+            replaced[name] = float_expert_state(model, name, module)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in state.items():
+        owner = key.rpartition(".")[0]
+        if owner in replaced:
+            out.update(replaced.pop(owner))
+        elif owner not in experts:
+            out[key] = t
+    return out
 
 
 def _entries(tensors: Mapping[str, torch.Tensor], path: Path) -> list[tuple[str, str, tuple]]:
@@ -196,18 +227,48 @@ def _shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first high-precision floating-point parameter, if any."""
+    return next((p.dtype for p in model.parameters()
+                 if p.is_floating_point() and p.dtype not in FP8_DTYPES), None)
+
+
+@contextmanager
+def kept_for_serving(model: nn.Module, tp: Sequence[int]) -> Iterator[dict[str, str]]:
+    """Within the block, the FP8 modules vLLM would refuse or compute wrong at one of the
+    degrees ``tp`` (``finefp8.nn.serving_problems``) are high-precision modules holding their
+    dequantized weights ``W = Q * s`` (in the model's float dtype); afterwards the FP8 modules
+    are back. Yields ``{module name: why}`` of the swapped modules (empty for ``tp=()``).
+    """
+    problems = serving_problems(model, tp) if tp else {}
+    dtype = _float_dtype(model)
+    originals = {name: model.get_submodule(name) for name in problems}
+
+    def put(name: str, module: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+
+    try:
+        for name, m in originals.items():
+            put(name, float_module(m, dtype))
+        yield problems
+    finally:
+        for name, m in originals.items():
+            put(name, m)
+
+
 def _config_dict(model: nn.Module, scale_fmt: str) -> dict:
     """``model.config`` as a dict, its ``quantization_config`` replaced by the fp8 layout's."""
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg.pop("_name_or_path", None)
     cfg["architectures"] = [type(model).__name__]
-    float_dtype = next((p.dtype for p in model.parameters()
-                        if p.is_floating_point() and p.dtype not in FP8_DTYPES), None)
+    float_dtype = _float_dtype(model)
     if float_dtype is not None:
         cfg["dtype"] = str(float_dtype).replace("torch.", "")
-    cfg["quantization_config"] = quantization_config(FP8, scale_fmt,
-                                                     list(kept_linear_modules(model)))
+    kept = list(kept_linear_modules(model))
+    kept += [n for n, m in experts_modules(model).items() if not isinstance(m, FP8Experts)]
+    cfg["quantization_config"] = quantization_config(FP8, scale_fmt, kept)
     return cfg
 
 
@@ -216,7 +277,7 @@ def _json_bytes(obj: dict) -> bytes:
 
 
 def save_fp8(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
-             scale_fmt: str | None = None) -> Path:
+             scale_fmt: str | None = None, tp: Sequence[int] = (1,)) -> Path:
     """Write ``model`` (its Linear layers ``FP8Linear``) as an ``"fp8"``-layout checkpoint.
 
     Args:
@@ -228,16 +289,26 @@ def save_fp8(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
         tokenizer: anything with ``save_pretrained(folder)``; its files go in the folder.
         scale_fmt: ``None`` (the layers' own), ``"fp32"`` or ``"ue8m0"`` (declares power-of-two
             scales; every scale must be one), see ``check_saveable``.
+        tp: tensor-parallel degrees the checkpoint must serve at (default TP 1). FP8 layers
+            that vLLM would refuse or compute wrong at one of them (``serving_problems``: e.g.
+            a q/k/v group whose q part is not a multiple of 128 rows) are written in high
+            precision as their dequantized weights and listed in ``modules_to_not_convert``,
+            the rule of ``finefp8 quantize --tp``; the model in memory is not changed.
+            ``tp=()`` writes every FP8 layer as it is.
 
     Returns:
         ``path``. ``finefp8.load(path)`` rebuilds the model with the same codes and scales.
     """
     path = check_destination(path)
     fmt = check_saveable(model, scale_fmt, path)
-    tensors = checkpoint_tensors(model)
+    with kept_for_serving(model, tp) as kept:
+        check_saveable(model, scale_fmt, path)
+        tensors = checkpoint_tensors(model)
+        config = _config_dict(model, fmt)
+    for name, why in kept.items():
+        log.warning("save_fp8: %s written in high precision: %s", name, why)
     shards = _shards(_entries(tensors, path), MAX_SHARD_BYTES)
     names = _shard_names(len(shards))
-    config = _config_dict(model, fmt)
     tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     try:
         if tmp.is_dir() and not tmp.is_symlink():

@@ -1,0 +1,605 @@
+"""``finefp8 quantize --calibrate gptq``: GPTQ-chosen FP8 codes, one decoder layer at a time.
+
+The output has exactly the layout of a plain ``quantize`` (E4M3 codes, fp32 128x128 scales
+``amax/448``, ``fp8`` or compressed-tensors names, the same keep-rules and ``--tp`` keep-set):
+only the codes differ. They are chosen by GPTQ (``finefp8.calibration.gptq_quantize``, columns
+in act-order, damping 1% of the mean diagonal) with each layer's input Hessian
+``H = 2 X^T X / T`` over the calibration tokens. Steps (``stage_gptq_codes``):
+
+1. The model is built on the meta device (``finefp8.nn.loading.empty_model``); only the input
+   embedding is loaded. The calibration token windows ``[n, L]`` run through it up to the
+   first decoder layer, whose inputs (hidden states and the keyword arguments the model passes:
+   position embeddings, mask) are captured.
+2. For each decoder layer ``i``: its tensors are read from the safetensors shards
+   (``CheckpointReader``; routed experts through ``finefp8.nn.expert_checkpoint``), the layer
+   runs on the calibration hidden states with forward hooks summing ``X^T X`` of the input of
+   each Linear to quantize (layers fed one tensor, q/k/v and gate/up, share one Hessian and one
+   GPTQ factor) and, for each routed expert ``e``, of its routed tokens ``X_e`` and its
+   intermediate ``act(X_e Wg^T) * (X_e Wu^T)``; GPTQ picks the codes; they are staged
+   (``checkpoint.staged.write_staged``); the layer runs again with the dequantized weights
+   ``q * s`` to give the next layer's inputs (so layer ``i+1`` calibrates on what the FP8 layers
+   before it produce); the hidden states are saved; the layer's tensors are freed (back to the
+   meta device).
+3. ``quantize_checkpoint`` then writes the shards, taking the staged codes.
+
+Experts routed fewer than ``min_expert_tokens`` calibration tokens keep DeepSeek-V3's plain
+rounding and are listed (``config.json`` ``finefp8_calibration.plain``), as are planned weights
+outside the decoder layers (an untied ``lm_head`` without the keep-rule, DeepSeek-V3's MTP
+layer). Fused 3-D expert stacks on disk are quantized plainly by the shard writer (not listed).
+
+Memory: peak resident memory is about the input embedding + one decoder layer in float32
+(GPTQ and the forward run in float32 whatever the checkpoint's dtype) + its Hessians
+(``N^2`` float64 per distinct input) + the calibration activations ``2 * n * L * hidden * 4``
+bytes (inputs and outputs of the layer) + the per-window keyword arguments; it does not grow
+with the number of layers.
+
+Resume: after each layer, its codes and then the hidden states after it
+(``hidden.safetensors``, with the layer index) are written atomically in OUT's scratch folder.
+A killed run rerun with the same command continues after the last layer whose hidden states
+were saved (per-layer granularity: the layer in progress is redone), then writes the shards.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import calibration, ops
+from ..checkpoint import CheckpointReader
+from ..checkpoint.convert import ConversionResult, quantize_checkpoint
+from ..checkpoint.errors import ConversionError
+from ..checkpoint.layout import FP8
+from ..checkpoint.reader import read_rows
+from ..checkpoint.staged import Calibration, read_staged_meta, staged_path, write_staged
+from .config import FP8Config
+from .expert_checkpoint import expert_keys, key_renamer, read_experts
+from .experts import experts_modules
+from .loading import empty_model
+
+__all__ = ["METHODS", "DEFAULT_CALIB_TOKENS", "DEFAULT_CALIB_WINDOW", "DEFAULT_MIN_EXPERT_TOKENS",
+           "CalibrationTokens", "calibration_token_windows", "decoder_layers",
+           "stage_gptq_codes", "quantize_calibrated", "CalibratedResult",
+           "release_freed_memory", "fix_mmap_threshold", "text_sha256",
+           "fake_quantize_activation"]
+
+METHODS = ("gptq",)
+DEFAULT_CALIB_TOKENS = 2048
+DEFAULT_CALIB_WINDOW = 1024
+DEFAULT_MIN_EXPERT_TOKENS = 16
+_HIDDEN = "hidden"
+
+
+@dataclass(frozen=True)
+class CalibrationTokens:
+    """The calibration text as token windows: ``ids [n, L]`` int64, the text's ``name`` and
+    ``sha256`` (of its UTF-8 bytes), recorded in the checkpoint."""
+
+    ids: torch.Tensor
+    name: str
+    sha256: str
+
+
+def calibration_token_windows(ids: torch.Tensor, tokens: int = DEFAULT_CALIB_TOKENS,
+                              window: int = DEFAULT_CALIB_WINDOW) -> torch.Tensor:
+    """The last ``tokens`` ids of a 1-D token stream as ``[tokens // w, w]`` windows,
+    ``w = min(window, tokens)`` (a remainder shorter than a window is dropped).
+
+    The end of the text, so that the start (what ``finefp8 eval`` evaluates on by default)
+    stays disjoint from it. Raises ``ValueError`` when the text is shorter than ``tokens``.
+    """
+    if ids.dim() != 1:
+        raise ValueError(f"calibration ids must be 1-D, got shape {tuple(ids.shape)}")
+    if tokens < 2 or window < 2:
+        raise ValueError(f"--calib-tokens ({tokens}) and the window ({window}) must be >= 2")
+    if ids.numel() < tokens:
+        raise ValueError(f"the calibration text has {ids.numel()} tokens, fewer than "
+                         f"--calib-tokens {tokens}: pass a longer --text or fewer tokens")
+    w = min(window, tokens)
+    n = tokens // w
+    return ids[ids.numel() - n * w:].reshape(n, w).long()
+
+
+def decoder_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    """``(name, layers)``: the model's ``nn.ModuleList`` of ``num_layers`` decoder layers."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == num_layers and name.endswith("layers"):
+            return name, m
+    raise ConversionError(f"{type(model).__name__}: no list of {num_layers} decoder layers "
+                          f"(num_hidden_layers) found; --calibrate supports transformers "
+                          f"decoder-only models")
+
+
+class _PreadReader(CheckpointReader):
+    """A ``CheckpointReader`` whose ``get`` reads with ``pread`` instead of a memory map: pages
+    of a map stay in the resident set (RSS) until it is closed, so a calibration reading every
+    layer through maps would look as large as the model."""
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self.info(key)
+        if len(info.shape) < 2:
+            return read_rows(self.root, info, 0, 1).clone()
+        return read_rows(self.root, info, 0, info.shape[0])
+
+
+class _Stop(Exception):
+    """Raised by the capture hook once the first decoder layer's inputs are in hand."""
+
+
+def _first_layer_inputs(model: nn.Module, layer: nn.Module, ids: torch.Tensor
+                        ) -> list[tuple[torch.Tensor, dict]]:
+    """Per window of ``ids [n, L]``: the first decoder layer's ``(hidden [1, L, H], kwargs)``."""
+    got: list[tuple[torch.Tensor, dict]] = []
+
+    def pre(_m, args, kwargs):
+        x = args[0] if args else kwargs.pop("hidden_states")
+        kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        got.append((x.detach(), kw))
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for row in ids:
+                try:
+                    model(input_ids=row.unsqueeze(0), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if len(got) != ids.shape[0]:
+        raise ConversionError("the model did not reach its first decoder layer while capturing "
+                              "the calibration inputs")
+    return got
+
+
+def _layer_out(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """What a W8A8 layer's GEMM sees of its input ``x [..., K]``: DeepSeek-V3's dynamic 1x128
+    groups, ``q = cast_e4m3(x / s)``, ``s = amax / 448`` per token and group, returned as
+    ``q * s`` in ``x``'s dtype (``ops.quantize_groupwise`` / ``dequantize_groupwise``)."""
+    q, sc = ops.quantize_groupwise(x, 128, "fp32")
+    return ops.dequantize_groupwise(q, sc, 128, x.dtype)
+
+
+class _FakeQuantInputs:
+    """Forward pre-hook replacing a module's first input by its W8A8 view; modules fed the
+    same tensor (q/k/v) get the same quantized tensor, so they still share one Hessian."""
+
+    def __init__(self) -> None:
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, _mod, args, kwargs):
+        if not args:
+            return args, kwargs
+        x = args[0]
+        hit = self.cache.get(id(x))
+        if hit is None or hit[0] is not x:
+            hit = (x, fake_quantize_activation(x))
+            self.cache[id(x)] = hit
+        return (hit[1], *args[1:]), kwargs
+
+
+class _Sums:
+    """``X^T X`` sums of the inputs of named Linear layers, grouped by the tensor they are fed
+    (as ``finefp8.eval.variants.collect_hessians`` does): per window, each group once."""
+
+    def __init__(self) -> None:
+        self.group_of: dict[str, int] = {}
+        self.sums: list[torch.Tensor] = []
+        self.seen: dict[int, tuple[torch.Tensor, int]] = {}
+        self.done: set[int] = set()
+        self.count = 0
+
+    def hook(self, name: str):
+        def pre(_mod, args):
+            x = args[0]
+            hit = self.seen.get(id(x))
+            if name not in self.group_of:
+                if hit is not None and hit[0] is x:
+                    self.group_of[name] = hit[1]
+                else:
+                    self.group_of[name] = len(self.sums)
+                    self.sums.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
+            g = self.group_of[name]
+            self.seen[id(x)] = (x, g)
+            if g not in self.done:
+                x2 = x.reshape(-1, x.shape[-1]).float()
+                self.sums[g] += (x2.T @ x2).double()
+                self.done.add(g)
+        return pre
+
+    def next_window(self, tokens: int) -> None:
+        self.seen.clear()
+        self.done.clear()
+        self.count += tokens
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        hs = [(2.0 * s / max(self.count, 1)).float() for s in self.sums]
+        return {n: hs[g] for n, g in self.group_of.items()}
+
+
+class _ExpertSums:
+    """Per expert of one fused experts module: routed-token count, ``X_e^T X_e`` and
+    ``Z_e^T Z_e`` of its intermediate ``Z_e = act(X_e Wg^T) * (X_e Wu^T)`` (float weights)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.sums: dict[int, list] = {}
+
+    def hook(self, _m, args):
+        x, idx = args[0].detach().float(), args[1]
+        gu_all, n_exp = self.module.gate_up_proj, self.module.gate_up_proj.shape[0]
+        for e in range(n_exp):
+            rows = torch.nonzero((idx == e).any(-1)).flatten()
+            if rows.numel() == 0:
+                continue
+            gu = gu_all[e].detach().float()
+            i = gu.shape[0] // 2
+            xe = x[rows]
+            z = self.module.act_fn(xe @ gu[:i].T) * (xe @ gu[i:].T)
+            entry = self.sums.setdefault(e, [0, 0.0, 0.0])
+            entry[0] += int(rows.numel())
+            entry[1] = entry[1] + (xe.T @ xe).double()
+            entry[2] = entry[2] + (z.T @ z).double()
+
+
+def release_freed_memory() -> None:
+    """``gc.collect()`` then glibc's ``malloc_trim(0)``: hand the freed heap back to the OS.
+
+    Without it, glibc keeps the freed blocks of each layer (its mmap threshold rises after
+    large frees, so later layer-sized buffers come from the heap and fragment it) and resident
+    memory creeps up with the layer count although nothing is retained. A no-op where there
+    is no glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Set glibc's ``M_MMAP_THRESHOLD`` to ``nbytes`` (1 MiB) for this process: every larger
+    allocation gets its own mapping, returned to the OS when freed. glibc otherwise raises the
+    threshold after each large free (up to 32 MiB), so the buffers of the next layer come from
+    the heap, fragment it, and each layer's peak is higher than the last (measured: 625 MB
+    rising to 750 MB over 10 identical layers; flat at 588 MB with the threshold fixed).
+    Returns whether it was set (``False`` where there is no glibc). A process-wide setting: it
+    stays for the rest of the process."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        return False
+
+
+def _save_hidden(work: Path, hidden: list[torch.Tensor], layer: int) -> None:
+    """Atomically save the hidden states after ``layer`` (one tensor per window)."""
+    from ..checkpoint.writer import ShardWriter, fsync_dir
+
+    entries = [(f"h{j}", _st_dtype(h), tuple(h.shape)) for j, h in enumerate(hidden)]
+    with ShardWriter(work / f"{_HIDDEN}.safetensors", entries, {"after_layer": str(layer)}) as w:
+        for j, h in enumerate(hidden):
+            w.write(f"h{j}", h.contiguous())
+    fsync_dir(work)
+
+
+def _st_dtype(t: torch.Tensor) -> str:
+    return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[t.dtype]
+
+
+def _resume_point(work: Path, windows: int) -> tuple[int, list[torch.Tensor] | None]:
+    """``(first layer to do, hidden states before it)`` from a previous run's scratch folder."""
+    path = work / f"{_HIDDEN}.safetensors"
+    meta = read_staged_meta(path)
+    if meta is None or not meta.get("after_layer", "").isdigit():
+        return 0, None
+    last = int(meta["after_layer"])
+    if any(read_staged_meta(staged_path(work, f"layer-{i:05d}")) is None
+           for i in range(last + 1)):
+        return 0, None
+    from ..checkpoint.reader import read_header
+
+    infos, _ = read_header(path)
+    if len(infos) != windows:
+        return 0, None
+    hidden = [read_rows(work, infos[f"h{j}"], 0, infos[f"h{j}"].shape[0])
+              for j in range(windows)]
+    return last + 1, hidden
+
+
+def _set_module(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def _to_meta(module: nn.Module) -> None:
+    """Free a layer's tensors: parameters back to the meta device (buffers kept)."""
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            setattr(sub, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                            requires_grad=False))
+
+
+@dataclass
+class _LayerTargets:
+    """What one decoder layer quantizes: Linear module name -> checkpoint key, and per fused
+    experts module the checkpoint key of each (expert, part, param) matrix."""
+
+    linears: dict[str, str] = field(default_factory=dict)
+    experts: dict[str, list] = field(default_factory=dict)
+
+
+def stage_gptq_codes(src: str | os.PathLike, work: Path, keys: frozenset[str],
+                     tokens: CalibrationTokens, *, dtype: torch.dtype = torch.float32,
+                     min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, percdamp: float = 0.01,
+                     trust_remote_code: bool = False, act_quant_inputs: bool = False,
+                     on_layer: Callable[[int, int], None] | None = None) -> dict:
+    """Stage GPTQ codes of the planned weights ``keys`` of checkpoint ``src`` into ``work``,
+    one decoder layer at a time (module doc). Returns the metadata recorded in config.json:
+    ``{"calibrated": count, "plain": [keys], "plain_reasons": {key: why}}``.
+
+    ``act_quant_inputs``: Hessians and propagation from the W8A8-quantized inputs
+    (``_calibrate_layer``). ``on_layer(i, n)`` is called after layer ``i`` of ``n``.
+    """
+    from transformers import AutoConfig
+
+    src = Path(src)
+    work.mkdir(parents=True, exist_ok=True)
+    fix_mmap_threshold()
+    hf_config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    n_layers = int(hf_config.num_hidden_layers)
+    model = empty_model(hf_config, dtype, trust_remote_code).eval()
+    prefix, layers = decoder_layers(model, n_layers)
+    rename = key_renamer(model)
+    ids = tokens.ids
+    with _PreadReader(src) as reader:
+        model_key = {rename(k): k for k in reader.keys()}
+        targets = _targets(model, prefix, n_layers, model_key, keys, reader)
+        start, hidden = _resume_point(work, ids.shape[0])
+        emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+        _set_module(model, {f"{emb_name}.weight":
+                            reader.get(model_key[f"{emb_name}.weight"]).to(dtype)})
+        captured = _first_layer_inputs(model, layers[0], ids)
+        kwargs = [kw for _, kw in captured]
+        if hidden is None:
+            hidden = [h for h, _ in captured]
+        del captured
+        _to_meta(model.get_input_embeddings())
+        for i in range(start, n_layers):
+            hidden = _calibrate_layer(model, reader, prefix, i, targets[i], hidden, kwargs,
+                                      model_key, dtype, work, min_expert_tokens, percdamp,
+                                      act_quant_inputs)
+            _save_hidden(work, hidden, i)
+            release_freed_memory()
+            if on_layer is not None:
+                on_layer(i, n_layers)
+    staged, plain = 0, {}
+    for i in range(n_layers):
+        meta = read_staged_meta(staged_path(work, f"layer-{i:05d}")) or {}
+        staged += int(meta.get("calibrated", "0"))
+        plain.update(json.loads(meta.get("plain", "{}")))
+    done = {k for t in targets for k in list(t.linears.values())
+            + [x[0] for v in t.experts.values() for x in v]}
+    for k in sorted(keys - done):
+        plain[k] = "not in a decoder layer's Linear or per-expert matrices"
+    return {"calibrated": staged, "plain": sorted(plain), "plain_reasons": dict(sorted(
+        plain.items()))}
+
+
+def _targets(model: nn.Module, prefix: str, n_layers: int, model_key: dict[str, str],
+             keys: frozenset[str], reader: CheckpointReader) -> list[_LayerTargets]:
+    """The Linear modules and expert matrices of each decoder layer whose checkpoint weight
+    is in ``keys`` (planned to be quantized)."""
+    out = [_LayerTargets() for _ in range(n_layers)]
+    exp = experts_modules(model)
+    for i in range(n_layers):
+        p = f"{prefix}.{i}."
+        for name, m in model.named_modules():
+            if not name.startswith(p):
+                continue
+            if isinstance(m, nn.Linear) and model_key.get(f"{name}.weight") in keys:
+                out[i].linears[name] = model_key[f"{name}.weight"]
+        for name, m in exp.items():
+            if not name.startswith(p):
+                continue
+            mats = []
+            for k in expert_keys(model, name, m.gate_up_proj.shape[0]):
+                if k.expert is not None and k.key in reader and k.key in keys:
+                    mats.append((k.key, k.param, k.expert, k.part))
+            out[i].experts[name] = mats
+    return out
+
+
+def _load_layer(model: nn.Module, reader: CheckpointReader, name: str,
+                model_key: dict[str, str], dtype: torch.dtype) -> None:
+    """Read decoder layer ``name``'s tensors from the shards into ``model``."""
+    layer = model.get_submodule(name)
+    state: dict[str, torch.Tensor] = {}
+    claimed: set[str] = set()
+    for ename, module in experts_modules(model).items():
+        if ename.startswith(name + "."):
+            _, tensors, used = read_experts(model, ename, module, reader, FP8, FP8Config(), dtype)
+            state.update(tensors)
+            claimed |= used
+    for mkey, ckey in model_key.items():
+        if mkey.startswith(name + ".") and ckey not in claimed:
+            t = reader.get(ckey)
+            state[mkey] = t.to(dtype) if t.is_floating_point() else t
+    _set_module(model, state)
+    missing = [f"{name}.{n}" for n, p in layer.named_parameters() if p.is_meta]
+    if missing:
+        raise ConversionError(f"{reader.root}: decoder layer {name!r} lacks tensors "
+                              f"{', '.join(missing[:5])} in the checkpoint")
+
+
+def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
+               after: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad():
+        for h, kw in zip(hidden, kwargs, strict=True):
+            out.append(_layer_out(layer(h, **kw)).detach())
+            if after is not None:
+                after(int(h.shape[0] * h.shape[1]))
+    return out
+
+
+def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i: int,
+                     targets: _LayerTargets, hidden: list[torch.Tensor], kwargs: list[dict],
+                     model_key: dict[str, str], dtype: torch.dtype, work: Path,
+                     min_expert_tokens: int, percdamp: float,
+                     act_quant_inputs: bool = False) -> list[torch.Tensor]:
+    """Calibrate decoder layer ``i``: load, collect Hessians, GPTQ, stage, propagate, free.
+
+    ``act_quant_inputs``: every target Linear and experts module sees its input as W8A8 will
+    (``fake_quantize_activation``) in both passes, so the Hessians are of the quantized
+    activations and the next layer's inputs are those of the W8A8 model (the experts'
+    intermediate, inside the fused module, stays float)."""
+    name = f"{prefix}.{i}"
+    _load_layer(model, reader, name, model_key, dtype)
+    layer = model.get_submodule(name)
+    fq, fq_hook = [], _FakeQuantInputs()
+    if act_quant_inputs:  # registered first: the Hessian hooks then see the quantized input
+        fq = [model.get_submodule(n).register_forward_pre_hook(fq_hook, with_kwargs=True)
+              for n in list(targets.linears) + list(targets.experts)]
+    sums = _Sums()
+    esums = {n: _ExpertSums(model.get_submodule(n)) for n in targets.experts}
+    handles = [model.get_submodule(n).register_forward_pre_hook(sums.hook(n))
+               for n in targets.linears]
+    handles += [model.get_submodule(n).register_forward_pre_hook(s.hook) for n, s in esums.items()]
+    def next_window(tokens: int) -> None:
+        sums.next_window(tokens)
+        fq_hook.cache.clear()
+
+    try:
+        _run_layer(layer, hidden, kwargs, next_window)
+    finally:
+        for h in handles:
+            h.remove()
+    hessians = sums.hessians()
+    codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    plain: dict[str, str] = {}
+    factors: dict[int, tuple] = {}
+    with torch.no_grad():
+        for mname, ckey in targets.linears.items():
+            mod = model.get_submodule(mname)
+            h = hessians[mname]
+            if id(h) not in factors:
+                factors[id(h)] = calibration.gptq_factor(h, percdamp, act_order=True)
+            q, s = calibration.gptq_quantize(mod.weight.detach().float(), None, None,
+                                             factor=factors[id(h)], name=ckey)
+            codes[ckey] = (q, s)
+            mod.weight.copy_(ops.dequantize_blockwise(q, s, (128, 128), mod.weight.dtype,
+                                                      name=ckey))
+        for ename, mats in targets.experts.items():
+            mod = model.get_submodule(ename)
+            es = esums[ename]
+            fx: dict[int, tuple] = {}
+            for ckey, param, e, part in mats:
+                full = getattr(mod, param)
+                w = full[e].detach().float()
+                rows = w.shape[0] // 2 if param == "gate_up_proj" else w.shape[0]
+                w = w[part * rows:(part + 1) * rows]
+                count, sx, sz = es.sums.get(e, (0, None, None))
+                if count < min_expert_tokens:
+                    q, s = ops.quantize_blockwise(w, (128, 128), "fp32", name=ckey)
+                    plain[ckey] = (f"expert {e} of {ename} was routed {count} calibration "
+                                   f"tokens (< {min_expert_tokens}): plain amax/448 rounding")
+                else:
+                    key = (e, param)
+                    if key not in fx:
+                        src_sum = sx if param == "gate_up_proj" else sz
+                        fx[key] = calibration.gptq_factor((2.0 * src_sum / count).float(),
+                                                          percdamp, act_order=True)
+                    q, s = calibration.gptq_quantize(w, None, None, factor=fx[key], name=ckey)
+                codes[ckey] = (q, s)
+                deq = ops.dequantize_blockwise(q, s, (128, 128), full.dtype, name=ckey)
+                full[e, part * rows:(part + 1) * rows].copy_(deq)
+    n_cal = len(codes) - len(plain)
+    write_staged(work, f"layer-{i:05d}", codes,
+                 {"layer": str(i), "calibrated": str(n_cal), "plain": json.dumps(plain)})
+    del codes, hessians, factors, esums
+    try:
+        out = _run_layer(layer, hidden, kwargs, lambda _n: fq_hook.cache.clear())
+    finally:
+        for h in fq:
+            h.remove()
+        fq_hook.cache.clear()
+    _to_meta(layer)
+    return out
+
+
+@dataclass
+class CalibratedResult:
+    """A calibrated quantize: the conversion's result and the calibration's metadata."""
+
+    conversion: ConversionResult
+    metadata: dict
+
+
+def text_sha256(text: str) -> str:
+    """Hex SHA-256 of ``text``'s UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def quantize_calibrated(src: str | os.PathLike, dst: str | os.PathLike, tokens: CalibrationTokens,
+                        *, method: str = "gptq", layout: str = FP8, ignore: Sequence[str] = (),
+                        tp: Sequence[int] = (1,), overwrite: bool = False,
+                        progress: bool = True,
+                        allow_nonfinite: bool = False,
+                        min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
+                        dtype: torch.dtype = torch.float32,
+                        trust_remote_code: bool = False, act_quant_inputs: bool = False,
+                        before_shard: Callable[[str], None] | None = None,
+                        finish: Callable[[Path], None] | None = None,
+                        extra_outputs: Sequence[str] = (),
+                        on_layer: Callable[[int, int], None] | None = None) -> CalibratedResult:
+    """``quantize_checkpoint`` with codes chosen by ``method`` on ``tokens`` (module doc).
+
+    ``tokens.ids`` ``[n, L]`` (``calibration_token_windows``); ``method``: ``"gptq"``;
+    ``min_expert_tokens``: routed experts with fewer calibration tokens keep plain rounding;
+    ``dtype``: the dtype the layers run and are calibrated in (float32); ``act_quant_inputs``:
+    Hessians from the W8A8 (1x128 fake-quantized) inputs of each layer. The other parameters
+    are ``quantize_checkpoint``'s. ``config.json`` gets ``"finefp8_calibration"``: the method,
+    the text's name and SHA-256, the token count and window, and the weights left plain.
+    """
+    if method not in METHODS:
+        raise ConversionError(f"unknown --calibrate {method!r}; expected one of {METHODS}")
+    if tokens.ids.dim() != 2 or tokens.ids.numel() == 0:
+        raise ConversionError(f"calibration ids must be [windows, length], got "
+                              f"{tuple(tokens.ids.shape)}")
+    ids_sha = hashlib.sha256(tokens.ids.numpy().tobytes()).hexdigest()
+    options = {"method": method, "text_sha256": tokens.sha256, "ids_sha256": ids_sha,
+               "min_expert_tokens": int(min_expert_tokens), "dtype": str(dtype),
+               "percdamp": 0.01, "act_order": True, "act_quant_inputs": bool(act_quant_inputs)}
+    metadata = {"method": method, "text": tokens.name, "text_sha256": tokens.sha256,
+                "tokens": int(tokens.ids.numel()), "windows": int(tokens.ids.shape[0]),
+                "window": int(tokens.ids.shape[1]), "min_expert_tokens": int(min_expert_tokens),
+                "hessian_inputs": "w8a8" if act_quant_inputs else "float"}
+
+    def stage(work: Path, keys: frozenset[str]) -> dict:
+        return stage_gptq_codes(src, work, keys, tokens, dtype=dtype,
+                                min_expert_tokens=min_expert_tokens,
+                                trust_remote_code=trust_remote_code,
+                                act_quant_inputs=act_quant_inputs, on_layer=on_layer)
+
+    cal = Calibration(options, metadata, stage)
+    res = quantize_checkpoint(src, dst, layout=layout, scale_fmt="fp32", ignore=ignore,
+                              workers=1, overwrite=overwrite, progress=progress,
+                              allow_nonfinite=allow_nonfinite, tp=tp, before_shard=before_shard,
+                              finish=finish, extra_outputs=extra_outputs, calibration=cal)
+    return CalibratedResult(res, dict(metadata, **cal.result))

@@ -1,0 +1,384 @@
+"""``finefp8 quantize --calibrate gptq`` (finefp8.nn.calibrate): layer-by-layer GPTQ codes in the
+plain checkpoint layouts, checked against plain quantize, transformers, finefp8.load and an
+independent whole-model calibration built from ``finefp8.eval.variants.collect_hessians``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from finefp8 import calibration, ops
+from finefp8.checkpoint.convert import quantize_checkpoint
+from finefp8.checkpoint.staged import WORK_DIR
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_llama  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from finefp8.nn import calibrate as cal  # noqa: E402
+from finefp8.nn.calibrate import CalibrationTokens, quantize_calibrated  # noqa: E402
+
+#: dims multiples of 128 so that transformers' own CPU FP8 loader accepts the output
+DIMS = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2,
+            num_key_value_heads=1, num_hidden_layers=2)
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def _ids(n: int, length: int, seed: int, vocab: int = 300) -> torch.Tensor:
+    return torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def llama_runs(tmp_path_factory):
+    """A float32 tiny Llama, its plain FP8 checkpoint and its GPTQ-calibrated one."""
+    root = tmp_path_factory.mktemp("cal")
+    model = tiny_llama(tie=False, **DIMS)
+    model.save_pretrained(root / "in")
+    tokens = CalibrationTokens(_ids(8, 128, seed=5), "random ids", "ab" * 32)
+    quantize_checkpoint(root / "in", root / "plain", progress=False)
+    res = quantize_calibrated(root / "in", root / "gptq", tokens, progress=False)
+    return model, root, tokens, res
+
+
+def test_calibrated_checkpoint_has_plain_layout_and_differs_in_codes(llama_runs):
+    _, root, _, res = llama_runs
+    plain, gptq = _tensors(root / "plain"), _tensors(root / "gptq")
+    assert {k: (v.dtype, v.shape) for k, v in plain.items()} == \
+        {k: (v.dtype, v.shape) for k, v in gptq.items()}
+    weights = [k for k, v in plain.items() if v.dtype == torch.float8_e4m3fn]
+    assert len(weights) == 7 * DIMS["num_hidden_layers"]
+    for k in weights:
+        # same amax/448 scales (recomputed here from the float weights), different codes
+        assert torch.equal(plain[k.replace("weight", "weight_scale_inv")],
+                           gptq[k.replace("weight", "weight_scale_inv")])
+        diff = (plain[k].view(torch.uint8) != gptq[k].view(torch.uint8)).float().mean()
+        assert diff > 0.01, k
+    for k, v in plain.items():  # everything not quantized is copied as it is
+        if v.dtype != torch.float8_e4m3fn and "scale" not in k:
+            assert torch.equal(v, gptq[k])
+    assert not (root / "gptq" / WORK_DIR).exists()  # scratch removed once complete
+    meta = json.loads((root / "gptq" / "config.json").read_text())["finefp8_calibration"]
+    assert meta["method"] == "gptq" and meta["text"] == "random ids"
+    assert meta["text_sha256"] == "ab" * 32 and meta["tokens"] == 1024
+    assert meta["calibrated"] == len(weights) and meta["plain"] == []
+    assert res.metadata["calibrated"] == len(weights)
+
+
+def test_calibrated_checkpoint_loads_and_has_lower_error(llama_runs):
+    """Held-out ids (another seed), output MSE against the float model: GPTQ below plain,
+    in finefp8.load (w8a8) and in transformers' own FP8 loader (weights dequantized)."""
+    import finefp8
+
+    model, root, _, _ = llama_runs
+    held_out = _ids(3, 48, seed=99)
+    with torch.no_grad():
+        ref = model(held_out).logits
+        errs = {}
+        for name in ("plain", "gptq"):
+            ours = finefp8.load(root / name)
+            errs[name] = float((ours(held_out).logits - ref).pow(2).mean())
+            theirs = transformers.AutoModelForCausalLM.from_pretrained(root / name)
+            w = theirs.model.layers[1].mlp.down_proj.weight
+            t = _tensors(root / name)
+            key = "model.layers.1.mlp.down_proj.weight"
+            deq = ops.dequantize_blockwise(t[key], t[key + "_scale_inv"], (128, 128), w.dtype)
+            assert torch.equal(w, deq)
+            errs[name + "_hf"] = float((theirs(held_out).logits.float() - ref).pow(2).mean())
+    assert errs["gptq"] < 0.9 * errs["plain"], errs
+    assert errs["gptq_hf"] < errs["plain_hf"], errs
+
+
+def _whole_model_codes(model, ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Independent reference: the whole float model in memory; for each layer in turn, the
+    Hessians of its Linear inputs from ``collect_hessians`` over full-model forwards, GPTQ
+    (act-order) codes, then the layer's weights replaced by ``q * s`` before the next one."""
+    from finefp8.eval.variants import collect_hessians
+
+    model = __import__("copy").deepcopy(model)
+    out = {}
+    windows = list(ids)
+    for i, layer in enumerate(model.model.layers):
+        names = [f"model.layers.{i}.{n}" for n, m in layer.named_modules()
+                 if isinstance(m, torch.nn.Linear)]
+        hs = collect_hessians(model, names, windows)
+        for n in names:
+            mod = model.get_submodule(n)
+            fac = calibration.gptq_factor(hs[n], act_order=True)
+            q, s = calibration.gptq_quantize(mod.weight.detach().float(), None, None,
+                                             factor=fac)
+            out[n + ".weight"] = (q, s)
+            with torch.no_grad():
+                mod.weight.copy_(ops.dequantize_blockwise(q, s, (128, 128), torch.float32))
+    return out
+
+
+def test_layer_by_layer_equals_whole_model_calibration(llama_runs):
+    model, root, tokens, _ = llama_runs
+    expected = _whole_model_codes(model, tokens.ids)
+    got = _tensors(root / "gptq")
+    assert len(expected) == 14
+    for k, (q, s) in expected.items():
+        assert torch.equal(got[k.replace("weight", "weight_scale_inv")], s), k
+        assert torch.equal(got[k].view(torch.uint8), q.view(torch.uint8)), k
+
+
+def test_compressed_tensors_layout(llama_runs, tmp_path):
+    _, root, tokens, _ = llama_runs
+    quantize_checkpoint(root / "in", tmp_path / "plain", layout="compressed-tensors",
+                        progress=False)
+    quantize_calibrated(root / "in", tmp_path / "gptq", tokens, layout="compressed-tensors",
+                        progress=False)
+    plain, gptq, fp8 = _tensors(tmp_path / "plain"), _tensors(tmp_path / "gptq"), \
+        _tensors(root / "gptq")
+    assert {k: v.shape for k, v in plain.items()} == {k: v.shape for k, v in gptq.items()}
+    for k, v in gptq.items():
+        if v.dtype == torch.float8_e4m3fn:  # same codes as the fp8 layout, other scale name
+            assert torch.equal(v.view(torch.uint8), fp8[k].view(torch.uint8))
+            assert torch.equal(gptq[k + "_scale"], fp8[k + "_scale_inv"])
+    cfg = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert cfg["finefp8_calibration"]["method"] == "gptq"
+
+
+def test_interrupted_calibration_resumes_per_layer(llama_runs, tmp_path):
+    """A run stopped after layer 0 (KeyboardInterrupt, as Ctrl-C) leaves its scratch; the same
+    call resumes at layer 1 and writes the same bytes as the uninterrupted run."""
+    _, root, tokens, _ = llama_runs
+    seen = []
+
+    def stop_after_first(i, n):
+        seen.append(i)
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize_calibrated(root / "in", tmp_path / "out", tokens, progress=False,
+                            on_layer=stop_after_first)
+    assert (tmp_path / "out" / WORK_DIR).is_dir()
+    assert not (tmp_path / "out" / "config.json").exists()
+    quantize_calibrated(root / "in", tmp_path / "out", tokens, progress=False,
+                        on_layer=lambda i, n: seen.append(i))
+    assert seen == [0, 1]  # layer 0 was not redone
+    a, b = _tensors(root / "gptq"), _tensors(tmp_path / "out")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+                           b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k])
+               for k in a)
+    # a rerun of a complete conversion does nothing; other calibration tokens are refused
+    again = quantize_calibrated(root / "in", tmp_path / "out", tokens, progress=False)
+    assert again.conversion.already_complete
+    other = CalibrationTokens(_ids(8, 128, seed=6), "other ids", "cd" * 32)
+    with pytest.raises(Exception, match="other options"):
+        quantize_calibrated(root / "in", tmp_path / "out", other, progress=False)
+
+
+def test_one_decoder_layer_materialized_at_a_time(llama_runs, tmp_path, monkeypatch):
+    """While a layer is calibrated, every other decoder layer's parameters are on the meta
+    device (deterministic form of the memory bound; the RSS form is the next test)."""
+    _, root, tokens, _ = llama_runs
+    counts = []
+    real = cal._load_layer
+
+    def spy(model, reader, name, model_key, dtype):
+        real(model, reader, name, model_key, dtype)
+        counts.append(sum(any(not p.is_meta for p in layer.parameters())
+                          for layer in model.model.layers))
+        counts.append(int(not model.get_input_embeddings().weight.is_meta))
+
+    monkeypatch.setattr(cal, "_load_layer", spy)
+    quantize_calibrated(root / "in", tmp_path / "out", tokens, progress=False)
+    assert counts == [1, 0, 1, 0]
+
+
+def test_peak_rss_does_not_grow_with_layer_count():
+    """Peak RSS of calibrating 2 vs 10 layers of 12.6 MB each (psutil, child processes): the
+    8 extra layers (101 MB of float32 weights) add less than half of that."""
+    out = subprocess.run([sys.executable, "benchmarks/calibrate_memory.py", "--layers", "2",
+                          "10", "--tokens", "128", "--window", "128"],
+                         capture_output=True, text=True, check=True, timeout=600,
+                         cwd=Path(__file__).parents[2])
+    rows = [line.split() for line in out.stdout.splitlines()[1:] if line.strip()]
+    (n2, ck2, layer_mb, peak2, _), (n10, ck10, _, peak10, _) = rows
+    growth = float(peak10) - float(peak2)
+    whole = float(ck10) - float(ck2)
+    assert whole > 95
+    assert growth < 0.5 * whole, out.stdout
+
+
+# ----------------------------------------------------------------------------- MoE
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    from moe_models import qwen3_moe
+
+    root = tmp_path_factory.mktemp("moe")
+    model = qwen3_moe()
+    model.save_pretrained(root / "in")
+    # tp=(): every expert in FP8 (at TP 1 the serving rule keeps 96-wide experts in float)
+    quantize_checkpoint(root / "in", root / "plain", progress=False, tp=())
+    return model, root
+
+
+def _expert_keys(t: dict) -> list[str]:
+    return [k for k, v in t.items() if ".experts." in k and v.dtype == torch.float8_e4m3fn]
+
+
+def test_moe_experts_calibrated_on_their_routed_tokens(moe_dir, tmp_path):
+    import finefp8
+
+    model, root = moe_dir
+    tokens = CalibrationTokens(_ids(8, 128, seed=3, vocab=320), "random ids", "ef" * 32)
+    res = quantize_calibrated(root / "in", tmp_path / "gptq", tokens, progress=False, tp=())
+    plain, gptq = _tensors(root / "plain"), _tensors(tmp_path / "gptq")
+    experts = _expert_keys(plain)
+    assert len(experts) == 2 * 6 * 3
+    listed = set(res.metadata["plain"])
+    for k in experts:
+        same = torch.equal(plain[k].view(torch.uint8), gptq[k].view(torch.uint8))
+        assert same == (k in listed), k  # plain codes exactly when listed as plain
+    assert len(listed) < len(experts)  # 1024 tokens x top-2 over 6 experts: most calibrated
+    held_out = _ids(4, 128, seed=77, vocab=320)
+    with torch.no_grad():
+        ref = model(held_out).logits
+        err = {(n, mode): float((finefp8.load(d, mode=mode)(held_out).logits - ref).pow(2).mean())
+               for n, d in (("plain", root / "plain"), ("gptq", tmp_path / "gptq"))
+               for mode in ("w8a8", "weight_only")}
+    for mode in ("w8a8", "weight_only"):
+        assert err["gptq", mode] < err["plain", mode], err
+
+
+def test_moe_experts_below_threshold_fall_back_and_are_listed(moe_dir, tmp_path):
+    _, root = moe_dir
+    tokens = CalibrationTokens(_ids(2, 64, seed=3, vocab=320), "random ids", "ef" * 32)
+    res = quantize_calibrated(root / "in", tmp_path / "gptq", tokens, progress=False,
+                              min_expert_tokens=10 ** 6, tp=())
+    plain, gptq = _tensors(root / "plain"), _tensors(tmp_path / "gptq")
+    experts = _expert_keys(plain)
+    assert sorted(res.metadata["plain"]) == sorted(experts)
+    meta = json.loads((tmp_path / "gptq" / "config.json").read_text())["finefp8_calibration"]
+    assert sorted(meta["plain"]) == sorted(experts)
+    assert "routed" in meta["plain_reasons"][experts[0]]
+    for k in experts:
+        assert torch.equal(plain[k].view(torch.uint8), gptq[k].view(torch.uint8))
+    attn = [k for k in _tensors(root / "plain") if "self_attn.q_proj.weight" in k]
+    assert not torch.equal(plain[attn[0]].view(torch.uint8), gptq[attn[0]].view(torch.uint8))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_quantize_calibrate_records_text_and_hash(tmp_path, helpers, capsys):
+    import hashlib
+
+    from finefp8.cli import main
+
+    model = tiny_llama(tie=False, **DIMS)
+    model.save_pretrained(tmp_path / "in")
+    helpers.write_tokenizer(tmp_path / "in")
+    text = " ".join(f"word{i % 97} and the quick brown fox {i}" for i in range(400))
+    (tmp_path / "calib.txt").write_text(text, encoding="utf-8")
+    rc = main(["quantize", str(tmp_path / "in"), str(tmp_path / "out"), "--calibrate", "gptq",
+               "--text", str(tmp_path / "calib.txt"), "--calib-tokens", "300", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())["finefp8_calibration"]
+    assert meta["text"] == str(tmp_path / "calib.txt")
+    assert meta["text_sha256"] == hashlib.sha256(text.encode()).hexdigest()
+    assert meta["tokens"] == 300 and meta["method"] == "gptq"
+    assert (tmp_path / "out" / "README.md").is_file()  # the model card, as plain quantize
+    # too short a text: a clear error, exit status 1, nothing left behind
+    rc = main(["quantize", str(tmp_path / "in"), str(tmp_path / "out2"), "--calibrate", "gptq",
+               "--text", str(tmp_path / "calib.txt"), "--calib-tokens", "100000", "--quiet"])
+    assert rc == 1
+    assert "fewer than --calib-tokens 100000" in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_hessian_from_w8a8_inputs(llama_runs, tmp_path):
+    """``act_quant_inputs``: layer 0's q/k/v codes are GPTQ with the Hessian of the 1x128
+    fake-quantized normalized embeddings (computed here from the float model's own modules),
+    not those of the float inputs."""
+    from finefp8.quantization import dequantize_groupwise, quantize_groupwise
+
+    model, root, tokens, _ = llama_runs
+    res = quantize_calibrated(root / "in", tmp_path / "aq", tokens, progress=False,
+                              act_quant_inputs=True)
+    assert res.metadata["hessian_inputs"] == "w8a8"
+    total = torch.zeros(256, 256, dtype=torch.float64)
+    with torch.no_grad():
+        for w in tokens.ids:
+            x = model.model.layers[0].input_layernorm(model.model.embed_tokens(w[None]))
+            q, s = quantize_groupwise(x, 128)
+            x2 = dequantize_groupwise(q, s, 128, torch.float32).reshape(-1, 256)
+            total += (x2.T @ x2).double()
+    h = (2.0 * total / tokens.ids.numel()).float()
+    fac = calibration.gptq_factor(h, act_order=True)
+    got, float_run = _tensors(tmp_path / "aq"), _tensors(root / "gptq")
+    for part in ("q_proj", "k_proj", "v_proj"):
+        key = f"model.layers.0.self_attn.{part}.weight"
+        w = model.get_submodule(key[:-len(".weight")]).weight.detach().float()
+        q, _ = calibration.gptq_quantize(w, None, None, factor=fac)
+        assert torch.equal(got[key].view(torch.uint8), q.view(torch.uint8)), key
+        assert not torch.equal(got[key].view(torch.uint8), float_run[key].view(torch.uint8))
+
+
+_KILLED_CHILD = r"""
+import os, signal, sys, torch
+from finefp8.nn.calibrate import CalibrationTokens, quantize_calibrated
+ids = torch.randint(3, 300, (8, 128), generator=torch.Generator().manual_seed(5))
+def die(i, n):
+    if i == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+quantize_calibrated(sys.argv[1], sys.argv[2], CalibrationTokens(ids, "random ids", "ab" * 32),
+                    progress=False, on_layer=die)
+"""
+
+
+def test_sigkilled_calibration_resumes(llama_runs, tmp_path):
+    """SIGKILL after layer 0 (a child process): the lock dies with it, the rerun resumes at
+    layer 1 and the checkpoint is byte-identical to an uninterrupted run's."""
+    _, root, tokens, _ = llama_runs
+    assert torch.equal(tokens.ids, _ids(8, 128, seed=5))
+    r = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(root / "in"),
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == -9, r.stderr
+    assert (tmp_path / "out" / WORK_DIR).is_dir()
+    seen = []
+    quantize_calibrated(root / "in", tmp_path / "out", tokens, progress=False,
+                        on_layer=lambda i, n: seen.append(i))
+    assert seen == [1]
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "out" / f).read_bytes() == (root / "gptq" / f).read_bytes()
+
+
+def test_moe_serving_keep_set_is_the_plain_one(moe_dir, tmp_path):
+    """Default ``tp=(1,)``: the 96-wide experts vLLM cannot serve in FP8 stay float in both the
+    plain and the calibrated output, byte for byte; what is FP8 is calibrated."""
+    _, root = moe_dir
+    tokens = CalibrationTokens(_ids(2, 128, seed=3, vocab=320), "random ids", "ef" * 32)
+    quantize_checkpoint(root / "in", tmp_path / "plain", progress=False)
+    quantize_calibrated(root / "in", tmp_path / "gptq", tokens, progress=False)
+    plain, gptq = _tensors(tmp_path / "plain"), _tensors(tmp_path / "gptq")
+    assert {k: (v.dtype, v.shape) for k, v in plain.items()} == \
+        {k: (v.dtype, v.shape) for k, v in gptq.items()}
+    kept = [k for k in plain if ".experts." in k]
+    assert kept and all(plain[k].dtype == torch.float32 and torch.equal(plain[k], gptq[k])
+                        for k in kept)
+    fp8 = [k for k, v in plain.items() if v.dtype == torch.float8_e4m3fn]
+    assert fp8 and all(not torch.equal(plain[k].view(torch.uint8), gptq[k].view(torch.uint8))
+                       for k in fp8)
