@@ -110,6 +110,8 @@ if __name__ == "__main__":
     kwargs = json.loads(sys.argv[1])
     op = kwargs.pop("op", "quantize")
     fn = conv.quantize_checkpoint if op == "quantize" else conv.dequantize_checkpoint
+    if op == "quantize":
+        kwargs.setdefault("tp", [])  # the suite's in-process runs pass tp=(): same plan
     try:
         fn(**kwargs)
     except Exception as e:  # noqa: BLE001 - reported like the CLI does
