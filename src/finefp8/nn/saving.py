@@ -300,9 +300,8 @@ def save_fp8(model: nn.Module, path: str | os.PathLike, *, tokenizer=None,
         ``path``. ``finefp8.load(path)`` rebuilds the model with the same codes and scales.
     """
     path = check_destination(path)
-    fmt = check_saveable(model, scale_fmt, path)
     with kept_for_serving(model, tp) as kept:
-        check_saveable(model, scale_fmt, path)
+        fmt = check_saveable(model, scale_fmt, path)
         tensors = checkpoint_tensors(model)
         config = _config_dict(model, fmt)
     for name, why in kept.items():
