@@ -31,6 +31,17 @@ import torch
 
 WINDOW = 1024
 BLOCK = 128
+# name: (label, Hessians of the W8A8 inputs, calibration target)
+VARIANTS = {
+    "gptq": ("w8a8 GPTQ layer-by-layer", False, "layer"),
+    "gptq_w8a8_hessian": ("w8a8 GPTQ layer-by-layer, W8A8-input Hessians", True, "layer"),
+    "gptq_float_weights": ("w8a8 GPTQ of GPTAQ-corrected weights (float target)", False,
+                           "float-weights"),
+    "gptq_float_weights_w8a8": ("w8a8 GPTQ of GPTAQ-corrected weights, W8A8 inputs", True,
+                                "float-weights"),
+    "gptq_float_scales": ("w8a8 GPTQ, block scales tuned to the float layer outputs", True,
+                          "float-scales"),
+}
 
 
 def _peak_rss(fn):
@@ -107,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--second-text", default=None, metavar="FILE")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=["plain", "gptq"],
-                   choices=("plain", "gptq", "gptq_w8a8_hessian"),
-                   help="gptq_w8a8_hessian: GPTQ with Hessians of the W8A8 inputs")
+                   choices=("plain", *VARIANTS),
+                   help="; ".join(f"{k}: {v[0]}" for k, v in VARIANTS.items()))
+    p.add_argument("--tp", type=int, nargs="*", default=[],
+                   help="serving-check degrees (default none: every Linear FP8, the DeepSeek-V3 "
+                        "scheme; 1 keeps SmolLM2's q/k/v in bf16 as `quantize` does by default)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     loaded = load_default_model()
@@ -131,17 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for v in args.variants:
             if v == "plain":
-                _, secs, mem = _peak_rss(lambda: quantize_checkpoint(src, Path(tmp) / "plain",
-                                                                     progress=False))
+                _, secs, mem = _peak_rss(lambda: quantize_checkpoint(
+                    src, Path(tmp) / "plain", progress=False, tp=tuple(args.tp)))
                 runs.append(("w8a8 plain", v, secs, mem))
                 continue
-            res, secs, mem = _peak_rss(lambda v=v: quantize_calibrated(
-                src, Path(tmp) / v, calib, progress=False,
-                act_quant_inputs=v == "gptq_w8a8_hessian"))
+            label, act_quant_inputs, target = VARIANTS[v]
+            res, secs, mem = _peak_rss(lambda v=v, aq=act_quant_inputs, t=target:
+                                       quantize_calibrated(src, Path(tmp) / v, calib,
+                                                           progress=False, tp=tuple(args.tp),
+                                                           act_quant_inputs=aq, target=t))
             print(f"{v}: {res.metadata['calibrated']} weights GPTQ, "
-                  f"{len(res.metadata['plain'])} plain, {calib.ids.numel()} tokens", flush=True)
-            label = ("w8a8 GPTQ layer-by-layer" if v == "gptq"
-                     else "w8a8 GPTQ layer-by-layer, W8A8-input Hessians")
+                  f"{len(res.metadata['plain'])} plain, {calib.ids.numel()} tokens, "
+                  f"{secs:.0f} s", flush=True)
             runs.append((label, v, secs, mem))
         for name, folder, secs, mem in runs:
             model = finefp8.load(Path(tmp) / folder)

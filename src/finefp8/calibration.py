@@ -31,6 +31,18 @@ still ``(q, scale_inv)``: fp8 codes ``[M, N]`` and an fp32 grid
    ``H`` is damped by ``percdamp * mean(diag(H))`` on its diagonal; dead inputs
    (``H[j, j] = 0``) get ``H[j, j] = 1`` and zero weight in the error sums.
 
+3. ``float_target_weight``: the weight GPTQ should round when the layer's inputs are not the
+   float model's. With ``X_f [T, N]`` the inputs the float model gives the layer and ``X_q``
+   those the quantized model gives it (the earlier layers' FP8 errors, and with W8A8 the
+   layer's own 1x128 activation rounding), the output error to minimise is
+   ``||X_f W^T - X_q Q^T||^2``. Its least-squares solution splits it (GPTAQ, Li et al. 2025)::
+
+       W* = W + W D^T X_q (X_q^T X_q + damp I)^-1,      D = X_f - X_q
+
+   ``||X_f W^T - X_q Q^T||^2 = ||X_f W^T - X_q W*^T||^2 + ||X_q (W* - Q)^T||^2`` (undamped), so
+   GPTQ of ``W*`` with the Hessian of ``X_q`` minimises the whole. When ``X_f = X_q``,
+   ``W* = W`` exactly (the damping pulls the correction, not the weight, towards zero).
+
 Everything is fp32 (GPTQ's Cholesky runs in float64 for stability) and runs on the
 device of ``w``.
 """
@@ -57,6 +69,7 @@ __all__ = [
     "hessian_from_inputs",
     "gptq_factor",
     "gptq_quantize",
+    "float_target_weight",
 ]
 
 DEFAULT_SCALE_GRID: tuple[float, ...] = tuple(round(0.60 + 0.02 * i, 2) for i in range(21))
@@ -265,3 +278,37 @@ def gptq_quantize(
     out = torch.empty_like(codes)
     out[:, perm] = codes
     return out.to(fmt.torch_dtype), scale_inv
+
+
+def float_target_weight(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
+                        percdamp: float = 0.01, *, name: str | None = None) -> torch.Tensor:
+    """``W* = W + W C (H + damp I)^-1``: the weight whose GPTQ rounding on the quantized
+    model's inputs best reproduces the float model's outputs (module docstring, item 3).
+
+    Args:
+        w: ``[M, N]`` float weight.
+        hessian: ``[N, N]`` ``X_q^T X_q / T`` of the inputs the quantized model gives the layer
+            (any common positive factor, shared with ``cross``).
+        cross: ``[N, N]`` ``(X_f - X_q)^T X_q / T`` with the same factor, ``X_f`` the float
+            model's inputs for the same tokens.
+        percdamp: ``damp = percdamp * mean(diag(H))`` (1 when the diagonal is all zero).
+
+    Returns:
+        ``W*`` ``[M, N]`` float32, computed in float64 (Cholesky solve of the damped ``H``).
+    """
+    what = f"tensor {name!r}" if name else "weight"
+    _check_weight(w, what)
+    n = w.shape[1]
+    if tuple(hessian.shape) != (n, n) or tuple(cross.shape) != (n, n):
+        raise ValueError(f"{what}: Hessian {tuple(hessian.shape)} and cross term "
+                         f"{tuple(cross.shape)} must both be {(n, n)}")
+    if not (bool(torch.isfinite(hessian).all()) and bool(torch.isfinite(cross).all())):
+        raise ValueError(f"{what}: the Hessian or the cross term has NaN or Inf")
+    h = hessian.double()
+    mean = float(torch.diag(h).mean())
+    damp = percdamp * mean if mean > 0 else 1.0
+    h = h + damp * torch.eye(n, dtype=h.dtype, device=h.device)
+    wd = w.double()
+    # W C (H + damp)^-1 = ((H + damp)^-1 C^T W^T)^T, H symmetric
+    corr = torch.cholesky_solve(cross.double().T @ wd.T, torch.linalg.cholesky(h)).T
+    return (wd + corr).float()

@@ -249,7 +249,8 @@ def _quantize_calibrated(args: argparse.Namespace, resolved, layout: str, tp, ca
             src, args.dst, _calibration_tokens(args, src), method=args.calibrate, layout=layout,
             ignore=args.ignore, tp=tp, overwrite=args.overwrite, progress=not args.quiet,
             allow_nonfinite=args.allow_nonfinite, min_expert_tokens=args.min_expert_tokens,
-            act_quant_inputs=args.calib_hessian == "w8a8", finish=card, extra_outputs=extra)
+            act_quant_inputs=args.calib_hessian == "w8a8", target=args.calib_target,
+            finish=card, extra_outputs=extra)
         meta = res.metadata
         if not args.quiet and "calibrated" in meta:
             print(f"finefp8 quantize: {meta['method']} calibrated {meta['calibrated']} weights "
@@ -398,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-hessian", choices=("float", "w8a8"), default="float",
                    help="--calibrate: GPTQ Hessians of the float inputs (default) or of the "
                         "1x128 FP8 inputs W8A8 computes with")
+    p.add_argument("--calib-target", choices=("layer", "float-weights", "float-scales"),
+                   default="layer",
+                   help="--calibrate: what each FP8 layer is made to reproduce: its float weights "
+                        "on the quantized model's inputs (layer, default), or the float model's "
+                        "outputs through corrected weights (float-weights) or tuned block scales "
+                        "(float-scales); docs/calibration.md")
     p.add_argument("--min-expert-tokens", type=int, default=16, metavar="N",
                    help="--calibrate: routed experts given fewer tokens keep plain rounding (16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from finefp8 import quantize_blockwise
 from finefp8.calibration import (
     block_squared_error,
+    float_target_weight,
     gptq_quantize,
     hessian_from_inputs,
     quantize_blockwise_mse,
@@ -125,3 +126,62 @@ def test_gptq_factor_shared_gives_same_codes():
     q3, _ = gptq_quantize(w, h, act_order=True)
     q4, _ = gptq_quantize(w, None, factor=gptq_factor(h, act_order=True))
     assert torch.equal(q3.view(torch.uint8), q4.view(torch.uint8))
+
+
+def _inputs(t: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float-model inputs ``x_f`` and a perturbed copy ``x_q`` (a systematic error, a gain on
+    some channels, plus noise), as the quantized model's inputs differ from the float one's."""
+    g = torch.Generator().manual_seed(seed)
+    xf = torch.randn(t, n, generator=g, dtype=torch.float64) * torch.linspace(0.2, 3, n,
+                                                                               dtype=torch.float64)
+    gain = 1 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    xq = xf * gain + 0.05 * torch.randn(t, n, generator=g, dtype=torch.float64)
+    return xf, xq
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(1, 70), st.integers(2, 60), st.integers(0, 2**31 - 1))
+def test_float_target_weight_is_the_least_squares_solution(m, n, seed):
+    """Undamped, ``W*`` minimises ``||X_f W^T - X_q W*^T||``: compare with
+    ``torch.linalg.lstsq`` on the raw inputs (an independent solver)."""
+    xf, xq = _inputs(4 * n + 8, n, seed)
+    w = torch.randn(m, n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    t = xq.shape[0]
+    got = float_target_weight(w.float(), (xq.T @ xq / t).float(),
+                              ((xf - xq).T @ xq / t).float(), percdamp=0.0)
+    ref = torch.linalg.lstsq(xq, xf @ w.T).solution.T
+    rel = (got.double() - ref).norm() / ref.norm()
+    assert rel < 1e-4, rel
+
+
+def test_float_target_weight_is_w_when_inputs_agree_and_lowers_the_output_error():
+    xf, xq = _inputs(512, 64, seed=3)
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
+    t = xq.shape[0]
+    h = (xq.T @ xq / t).float()
+    same = float_target_weight(w, h, torch.zeros(64, 64), percdamp=0.01)
+    assert torch.equal(same, w)
+    wstar = float_target_weight(w, h, ((xf - xq).T @ xq / t).float(), percdamp=0.01)
+    target = xf @ w.double().T
+    before = (target - xq @ w.double().T).norm()
+    after = (target - xq @ wstar.double().T).norm()
+    assert after < 0.5 * before, (float(before), float(after))
+    # and GPTQ on W* with the Hessian of X_q beats GPTQ on W for the float target
+    hess = 2 * h
+    q0, s0 = gptq_quantize(w, hess, act_order=True)
+    q1, s1 = gptq_quantize(wstar, hess, act_order=True)
+    e0 = (target - xq @ dequantize_blockwise(q0, s0).double().T).norm()
+    e1 = (target - xq @ dequantize_blockwise(q1, s1).double().T).norm()
+    assert e1 < 0.7 * e0, (float(e0), float(e1))
+
+
+def test_float_target_weight_errors():
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="must both be"):
+        float_target_weight(w, torch.eye(8), torch.zeros(7, 7), name="x.weight")
+    bad = torch.zeros(8, 8)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        float_target_weight(w, torch.eye(8), bad, name="x.weight")
+    # all-zero inputs: damping falls back to 1 and the weight is unchanged
+    assert torch.equal(float_target_weight(w, torch.zeros(8, 8), torch.zeros(8, 8)), w)

@@ -22,6 +22,23 @@ in act-order, damping 1% of the mean diagonal) with each layer's input Hessian
    meta device).
 3. ``quantize_checkpoint`` then writes the shards, taking the staged codes.
 
+What each layer's FP8 output is made to reproduce, ``target``:
+
+* ``"layer"`` (the default, above): the layer's own float weights applied to the inputs the
+  quantized model gives it. The block scales stay DeepSeek-V3's ``amax/448``.
+* ``"float-weights"``: the float model's output. A second stream of hidden states, the float
+  model's, runs alongside; within the layer, group by group (q/k/v, o, gate/up, down: the
+  Linear layers fed one tensor, in forward order) the inputs ``X_q`` the partly quantized layer
+  gives the group and ``X_f`` the float layer gives it are collected, each weight becomes
+  ``calibration.float_target_weight`` (GPTAQ's correction ``W + W (X_f - X_q)^T X_q H^-1``) and
+  GPTQ rounds that, with fresh ``amax/448`` scales of it.
+* ``"float-scales"``: the ``"layer"`` codes, then each 128x128 block scale of the layer's Linear
+  weights is tuned (``SCALE_TUNING_STEPS`` Adam passes over the windows, codes fixed) so that
+  the FP8 layer's output on the quantized model's inputs approaches the float layer's output
+  on the float model's inputs (``_tune_block_scales``).
+
+The measured effect of each on SmolLM2 is in docs/eval.md; ``"layer"`` stays the default.
+
 Experts routed fewer than ``min_expert_tokens`` calibration tokens keep DeepSeek-V3's plain
 rounding and are listed (``config.json`` ``finefp8_calibration.plain``), as are planned weights
 outside the decoder layers (an untied ``lm_head`` without the keep-rule, DeepSeek-V3's MTP
@@ -30,11 +47,15 @@ layer). Fused 3-D expert stacks on disk are quantized plainly by the shard write
 Memory: peak resident memory is about the input embedding + one decoder layer in float32
 (GPTQ and the forward run in float32 whatever the checkpoint's dtype) + its Hessians
 (``N^2`` float64 per distinct input) + the calibration activations ``2 * n * L * hidden * 4``
-bytes (inputs and outputs of the layer) + the per-window keyword arguments; it does not grow
-with the number of layers.
+bytes (inputs and outputs of the layer) + the per-window keyword arguments; the float targets
+add the float model's stream (``2 * n * L * hidden * 4`` more) and ``"float-weights"`` keeps the
+float inputs of the layer's Linear groups (``n * L * (sum of their widths) * 4``), ``"float-
+scales"`` the autograd graph of one window through one layer. None grows with the number of
+layers.
 
 Resume: after each layer, its codes and then the hidden states after it
-(``hidden.safetensors``, with the layer index) are written atomically in OUT's scratch folder.
+(``hidden.safetensors``, with the layer index, both streams for the float targets) are
+written atomically in OUT's scratch folder.
 A killed run rerun with the same command continues after the last layer whose hidden states
 were saved (per-layer granularity: the layer in progress is redone), then writes the shards.
 """
@@ -60,18 +81,22 @@ from ..checkpoint.errors import ConversionError
 from ..checkpoint.layout import FP8
 from ..checkpoint.reader import read_rows
 from ..checkpoint.staged import Calibration, read_staged_meta, staged_path, write_staged
+from ..quantization import expand_block_scales
 from .config import FP8Config
 from .expert_checkpoint import expert_keys, key_renamer, read_experts
 from .experts import experts_modules
 from .loading import empty_model
 
-__all__ = ["METHODS", "DEFAULT_CALIB_TOKENS", "DEFAULT_CALIB_WINDOW", "DEFAULT_MIN_EXPERT_TOKENS",
+__all__ = ["METHODS", "TARGETS", "SCALE_TUNING_STEPS", "DEFAULT_CALIB_TOKENS",
+           "DEFAULT_CALIB_WINDOW", "DEFAULT_MIN_EXPERT_TOKENS",
            "CalibrationTokens", "calibration_token_windows", "decoder_layers",
            "stage_gptq_codes", "quantize_calibrated", "CalibratedResult",
            "release_freed_memory", "fix_mmap_threshold", "text_sha256",
            "fake_quantize_activation"]
 
 METHODS = ("gptq",)
+TARGETS = ("layer", "float-weights", "float-scales")
+SCALE_TUNING_STEPS = 20
 DEFAULT_CALIB_TOKENS = 2048
 DEFAULT_CALIB_WINDOW = 1024
 DEFAULT_MIN_EXPERT_TOKENS = 16
@@ -186,48 +211,104 @@ class _FakeQuantInputs:
         x = args[0]
         hit = self.cache.get(id(x))
         if hit is None or hit[0] is not x:
-            hit = (x, fake_quantize_activation(x))
+            xd = x.detach()
+            # straight-through when a gradient flows (block-scale tuning)
+            hit = (x, x + (fake_quantize_activation(xd) - xd) if x.requires_grad
+                   else fake_quantize_activation(x))
             self.cache[id(x)] = hit
         return (hit[1], *args[1:]), kwargs
 
 
-class _Sums:
-    """``X^T X`` sums of the inputs of named Linear layers, grouped by the tensor they are fed
-    (as ``finefp8.eval.variants.collect_hessians`` does): per window, each group once."""
+class _Groups:
+    """The Linear layers fed one tensor (q/k/v, gate/up) form a group, numbered in the order
+    the forward first reaches them (as ``finefp8.eval.variants.collect_hessians`` groups)."""
 
     def __init__(self) -> None:
         self.group_of: dict[str, int] = {}
-        self.sums: list[torch.Tensor] = []
+        self.count = 0
         self.seen: dict[int, tuple[torch.Tensor, int]] = {}
         self.done: set[int] = set()
-        self.count = 0
+
+    def visit(self, name: str, x: torch.Tensor) -> int | None:
+        """The group of module ``name`` fed ``x``, or ``None`` when the group was already fed
+        in this window."""
+        hit = self.seen.get(id(x))
+        if name not in self.group_of:
+            if hit is not None and hit[0] is x:
+                self.group_of[name] = hit[1]
+            else:
+                self.group_of[name] = self.count
+                self.count += 1
+        g = self.group_of[name]
+        self.seen[id(x)] = (x, g)
+        if g in self.done:
+            return None
+        self.done.add(g)
+        return g
+
+    def next_window(self) -> None:
+        self.seen.clear()
+        self.done.clear()
+
+    def members(self, g: int) -> list[str]:
+        return [n for n, k in self.group_of.items() if k == g]
+
+
+class _GroupHooks:
+    """Forward pre-hooks on Linear layers that hand each group's input (``_Groups``) to
+    ``take(g, x)`` once per window."""
+
+    def __init__(self) -> None:
+        self.groups = _Groups()
 
     def hook(self, name: str):
         def pre(_mod, args):
-            x = args[0]
-            hit = self.seen.get(id(x))
-            if name not in self.group_of:
-                if hit is not None and hit[0] is x:
-                    self.group_of[name] = hit[1]
-                else:
-                    self.group_of[name] = len(self.sums)
-                    self.sums.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
-            g = self.group_of[name]
-            self.seen[id(x)] = (x, g)
-            if g not in self.done:
-                x2 = x.reshape(-1, x.shape[-1]).float()
-                self.sums[g] += (x2.T @ x2).double()
-                self.done.add(g)
+            g = self.groups.visit(name, args[0])
+            if g is not None:
+                self.take(g, args[0])
         return pre
 
+    def take(self, g: int, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class _Sums(_GroupHooks):
+    """``X^T X`` sums of the inputs of named Linear layers, one per group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums: list[torch.Tensor] = []
+        self.count = 0
+
+    def take(self, g: int, x: torch.Tensor) -> None:
+        if g == len(self.sums):
+            self.sums.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        self.sums[g] += (x2.T @ x2).double()
+
     def next_window(self, tokens: int) -> None:
-        self.seen.clear()
-        self.done.clear()
+        self.groups.next_window()
         self.count += tokens
 
     def hessians(self) -> dict[str, torch.Tensor]:
         hs = [(2.0 * s / max(self.count, 1)).float() for s in self.sums]
-        return {n: hs[g] for n, g in self.group_of.items()}
+        return {n: hs[g] for n, g in self.groups.group_of.items()}
+
+
+class _Inputs(_GroupHooks):
+    """The inputs ``[T, N]`` float32 of each group of Linear layers, per window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[list[torch.Tensor]] = []
+
+    def take(self, g: int, x: torch.Tensor) -> None:
+        if g == len(self.inputs):
+            self.inputs.append([])
+        self.inputs[g].append(x.detach().reshape(-1, x.shape[-1]).float().clone())
+
+    def next_window(self, _tokens: int = 0) -> None:
+        self.groups.next_window()
 
 
 class _ExpertSums:
@@ -286,14 +367,18 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
         return False
 
 
-def _save_hidden(work: Path, hidden: list[torch.Tensor], layer: int) -> None:
-    """Atomically save the hidden states after ``layer`` (one tensor per window)."""
+def _save_hidden(work: Path, hidden: list[torch.Tensor], layer: int,
+                 floats: list[torch.Tensor] | None = None) -> None:
+    """Atomically save the hidden states after ``layer`` (one tensor per window): the quantized
+    model's ``h{j}`` and, with ``target="float-weights"``, the float model's ``f{j}``."""
     from ..checkpoint.writer import ShardWriter, fsync_dir
 
-    entries = [(f"h{j}", _st_dtype(h), tuple(h.shape)) for j, h in enumerate(hidden)]
+    tensors = {f"h{j}": h for j, h in enumerate(hidden)}
+    tensors.update({f"f{j}": f for j, f in enumerate(floats or [])})
+    entries = [(k, _st_dtype(t), tuple(t.shape)) for k, t in tensors.items()]
     with ShardWriter(work / f"{_HIDDEN}.safetensors", entries, {"after_layer": str(layer)}) as w:
-        for j, h in enumerate(hidden):
-            w.write(f"h{j}", h.contiguous())
+        for k, t in tensors.items():
+            w.write(k, t.contiguous())
     fsync_dir(work)
 
 
@@ -301,24 +386,35 @@ def _st_dtype(t: torch.Tensor) -> str:
     return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[t.dtype]
 
 
-def _resume_point(work: Path, windows: int) -> tuple[int, list[torch.Tensor] | None]:
-    """``(first layer to do, hidden states before it)`` from a previous run's scratch folder."""
+def _resume_point(work: Path, windows: int, floats: bool
+                  ) -> tuple[int, list[torch.Tensor] | None, list[torch.Tensor] | None]:
+    """``(first layer to do, quantized-model hidden states before it, float-model ones)`` from a
+    previous run's scratch folder (``floats``: the float stream is needed too)."""
     path = work / f"{_HIDDEN}.safetensors"
     meta = read_staged_meta(path)
     if meta is None or not meta.get("after_layer", "").isdigit():
-        return 0, None
+        return 0, None, None
     last = int(meta["after_layer"])
     if any(read_staged_meta(staged_path(work, f"layer-{i:05d}")) is None
            for i in range(last + 1)):
-        return 0, None
+        return 0, None, None
     from ..checkpoint.reader import read_header
 
     infos, _ = read_header(path)
-    if len(infos) != windows:
-        return 0, None
-    hidden = [read_rows(work, infos[f"h{j}"], 0, infos[f"h{j}"].shape[0])
-              for j in range(windows)]
-    return last + 1, hidden
+    if len(infos) != windows * (2 if floats else 1):
+        return 0, None, None
+
+    def stream(p: str) -> list[torch.Tensor] | None:
+        names = [f"{p}{j}" for j in range(windows)]
+        if any(n not in infos for n in names):
+            return None
+        return [read_rows(work, infos[n], 0, infos[n].shape[0]) for n in names]
+
+    hidden = stream("h")
+    fl = stream("f") if floats else None
+    if hidden is None or (floats and fl is None):
+        return 0, None, None
+    return last + 1, hidden, fl
 
 
 def _set_module(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -346,14 +442,19 @@ def stage_gptq_codes(src: str | os.PathLike, work: Path, keys: frozenset[str],
                      tokens: CalibrationTokens, *, dtype: torch.dtype = torch.float32,
                      min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, percdamp: float = 0.01,
                      trust_remote_code: bool = False, act_quant_inputs: bool = False,
+                     target: str = "layer",
                      on_layer: Callable[[int, int], None] | None = None) -> dict:
     """Stage GPTQ codes of the planned weights ``keys`` of checkpoint ``src`` into ``work``,
     one decoder layer at a time (module doc). Returns the metadata recorded in config.json:
     ``{"calibrated": count, "plain": [keys], "plain_reasons": {key: why}}``.
 
     ``act_quant_inputs``: Hessians and propagation from the W8A8-quantized inputs
-    (``_calibrate_layer``). ``on_layer(i, n)`` is called after layer ``i`` of ``n``.
+    (``_calibrate_layer``). ``target`` (module doc): ``"layer"``, ``"float-weights"``
+    (``_calibrate_layer_float_target``) or ``"float-scales"`` (``_tune_block_scales``).
+    ``on_layer(i, n)`` is called after layer ``i`` of ``n``.
     """
+    if target not in TARGETS:
+        raise ConversionError(f"unknown calibration target {target!r}; expected one of {TARGETS}")
     from transformers import AutoConfig
 
     src = Path(src)
@@ -370,7 +471,7 @@ def stage_gptq_codes(src: str | os.PathLike, work: Path, keys: frozenset[str],
     with _PreadReader(src) as reader:
         model_key = {rename(k): k for k in reader.keys()}
         targets = _targets(model, prefix, n_layers, model_key, keys, reader)
-        start, hidden = _resume_point(work, ids.shape[0])
+        start, hidden, floats = _resume_point(work, ids.shape[0], target != "layer")
         emb_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
         _set_module(model, {f"{emb_name}.weight":
                             reader.get(model_key[f"{emb_name}.weight"]).to(dtype)})
@@ -378,13 +479,20 @@ def stage_gptq_codes(src: str | os.PathLike, work: Path, keys: frozenset[str],
         kwargs = [kw for _, kw in captured]
         if hidden is None:
             hidden = [h for h, _ in captured]
+            floats = [h for h, _ in captured] if target != "layer" else None
         del captured
         _to_meta(model.get_input_embeddings())
         for i in range(start, n_layers):
-            hidden = _calibrate_layer(model, reader, prefix, i, targets[i], hidden, kwargs,
-                                      model_key, dtype, work, min_expert_tokens, percdamp,
-                                      act_quant_inputs)
-            _save_hidden(work, hidden, i)
+            if target == "float-weights":
+                hidden, floats = _calibrate_layer_float_target(
+                    model, reader, prefix, i, targets[i], hidden, floats, kwargs, model_key,
+                    dtype, work, min_expert_tokens, percdamp, act_quant_inputs)
+            else:
+                hidden, floats = _calibrate_layer(
+                    model, reader, prefix, i, targets[i], hidden, kwargs, model_key, dtype,
+                    work, min_expert_tokens, percdamp, act_quant_inputs, floats,
+                    SCALE_TUNING_STEPS if target == "float-scales" else 0)
+            _save_hidden(work, hidden, i, floats)
             release_freed_memory()
             if on_layer is not None:
                 on_layer(i, n_layers)
@@ -458,12 +566,94 @@ def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
     return out
 
 
+def _quantize_experts(model: nn.Module, targets: _LayerTargets, esums: dict[str, _ExpertSums],
+                      min_expert_tokens: int, percdamp: float,
+                      codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                      plain: dict[str, str]) -> None:
+    """GPTQ codes of every routed expert matrix of one layer, each on its routed tokens
+    (``esums``), into ``codes``; experts routed too few tokens get plain rounding and a line in
+    ``plain``. The module's weights are replaced by the dequantized codes."""
+    with torch.no_grad():
+        for ename, mats in targets.experts.items():
+            mod = model.get_submodule(ename)
+            es = esums[ename]
+            fx: dict[int, tuple] = {}
+            for ckey, param, e, part in mats:
+                full = getattr(mod, param)
+                w = full[e].detach().float()
+                rows = w.shape[0] // 2 if param == "gate_up_proj" else w.shape[0]
+                w = w[part * rows:(part + 1) * rows]
+                count, sx, sz = es.sums.get(e, (0, None, None))
+                if count < min_expert_tokens:
+                    q, s = ops.quantize_blockwise(w, (128, 128), "fp32", name=ckey)
+                    plain[ckey] = (f"expert {e} of {ename} was routed {count} calibration "
+                                   f"tokens (< {min_expert_tokens}): plain amax/448 rounding")
+                else:
+                    key = (e, param)
+                    if key not in fx:
+                        src_sum = sx if param == "gate_up_proj" else sz
+                        fx[key] = calibration.gptq_factor((2.0 * src_sum / count).float(),
+                                                          percdamp, act_order=True)
+                    q, s = calibration.gptq_quantize(w, None, None, factor=fx[key], name=ckey)
+                codes[ckey] = (q, s)
+                deq = ops.dequantize_blockwise(q, s, (128, 128), full.dtype, name=ckey)
+                full[e, part * rows:(part + 1) * rows].copy_(deq)
+
+
+def _tune_block_scales(layer: nn.Module, layer_name: str, linears: dict[str, str],
+                       codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                       hidden: list[torch.Tensor], wanted: list[torch.Tensor],
+                       kwargs: list[dict], steps: int, lr: float = 2e-3,
+                       after_window: Callable[[], None] | None = None) -> None:
+    """Tune the fp32 block scales of one decoder layer's FP8 Linear weights, codes fixed, so
+    that the layer's output on the quantized model's inputs ``hidden`` matches ``wanted``
+    (the float model's output for the same tokens).
+
+    Each weight is ``q * (s0 * exp(u))`` per 128x128 block, ``u`` ``[gm, gn]`` starting at 0;
+    ``steps`` passes over the windows of Adam (``lr``) on the loss
+    ``sum ||layer(h) - y||^2 / sum ||y||^2``. The W8A8 case needs nothing here: the caller's
+    ``_FakeQuantInputs`` hooks stay on the Linear layers and pass the gradient straight
+    through (``after_window`` clears their cache). ``codes`` is updated in place with the tuned
+    scales (float32, one a block)."""
+    names = {m: m[len(layer_name) + 1:] for m in linears}
+    base = {m: (codes[k][0].float(), codes[k][1].float()) for m, k in linears.items()}
+    u = {m: torch.zeros_like(s, requires_grad=True) for m, (_q, s) in base.items()}
+    opt = torch.optim.Adam(list(u.values()), lr=lr)
+    frozen = {n: p.detach() for n, p in layer.named_parameters()}
+    norm = sum(float(y.float().pow(2).sum()) for y in wanted) or 1.0
+    for _ in range(steps):
+        for h, kw, y in zip(hidden, kwargs, wanted, strict=True):
+            params = dict(frozen)
+            for m, (q, s0) in base.items():
+                scale = s0 * torch.exp(u[m])
+                params[f"{names[m]}.weight"] = q * expand_block_scales(scale, tuple(q.shape))
+            out = _layer_out(torch.func.functional_call(layer, params, (h,), kw))
+            loss = (out.float() - y.float()).pow(2).sum() / norm
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if after_window is not None:
+                after_window()
+    with torch.no_grad():
+        for m, k in linears.items():
+            q, s0 = base[m]
+            codes[k] = (codes[k][0], (s0 * torch.exp(u[m])).float())
+            mod = layer.get_submodule(names[m])
+            mod.weight.copy_(ops.dequantize_blockwise(codes[k][0], codes[k][1], (128, 128),
+                                                      mod.weight.dtype, name=k))
+
+
 def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i: int,
                      targets: _LayerTargets, hidden: list[torch.Tensor], kwargs: list[dict],
                      model_key: dict[str, str], dtype: torch.dtype, work: Path,
                      min_expert_tokens: int, percdamp: float,
-                     act_quant_inputs: bool = False) -> list[torch.Tensor]:
+                     act_quant_inputs: bool = False, floats: list[torch.Tensor] | None = None,
+                     tune_steps: int = 0
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Calibrate decoder layer ``i``: load, collect Hessians, GPTQ, stage, propagate, free.
+    Returns the next layer's inputs in the quantized model and (given ``floats``, this layer's
+    inputs in the float model) in the float model. With ``tune_steps``, the Linear weights'
+    block scales are then tuned (``_tune_block_scales``) towards the float layer's outputs.
 
     ``act_quant_inputs``: every target Linear and experts module sees its input as W8A8 will
     (``fake_quantize_activation``) in both passes, so the Hessians are of the quantized
@@ -472,6 +662,7 @@ def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i:
     name = f"{prefix}.{i}"
     _load_layer(model, reader, name, model_key, dtype)
     layer = model.get_submodule(name)
+    floats_out = None if floats is None else _run_layer(layer, floats, kwargs)
     fq, fq_hook = [], _FakeQuantInputs()
     if act_quant_inputs:  # registered first: the Hessian hooks then see the quantized input
         fq = [model.get_submodule(n).register_forward_pre_hook(fq_hook, with_kwargs=True)
@@ -505,34 +696,15 @@ def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i:
             codes[ckey] = (q, s)
             mod.weight.copy_(ops.dequantize_blockwise(q, s, (128, 128), mod.weight.dtype,
                                                       name=ckey))
-        for ename, mats in targets.experts.items():
-            mod = model.get_submodule(ename)
-            es = esums[ename]
-            fx: dict[int, tuple] = {}
-            for ckey, param, e, part in mats:
-                full = getattr(mod, param)
-                w = full[e].detach().float()
-                rows = w.shape[0] // 2 if param == "gate_up_proj" else w.shape[0]
-                w = w[part * rows:(part + 1) * rows]
-                count, sx, sz = es.sums.get(e, (0, None, None))
-                if count < min_expert_tokens:
-                    q, s = ops.quantize_blockwise(w, (128, 128), "fp32", name=ckey)
-                    plain[ckey] = (f"expert {e} of {ename} was routed {count} calibration "
-                                   f"tokens (< {min_expert_tokens}): plain amax/448 rounding")
-                else:
-                    key = (e, param)
-                    if key not in fx:
-                        src_sum = sx if param == "gate_up_proj" else sz
-                        fx[key] = calibration.gptq_factor((2.0 * src_sum / count).float(),
-                                                          percdamp, act_order=True)
-                    q, s = calibration.gptq_quantize(w, None, None, factor=fx[key], name=ckey)
-                codes[ckey] = (q, s)
-                deq = ops.dequantize_blockwise(q, s, (128, 128), full.dtype, name=ckey)
-                full[e, part * rows:(part + 1) * rows].copy_(deq)
+        _quantize_experts(model, targets, esums, min_expert_tokens, percdamp, codes, plain)
+    del hessians, factors, esums
+    if tune_steps and floats_out is not None and targets.linears:
+        _tune_block_scales(layer, name, targets.linears, codes, hidden, floats_out, kwargs,
+                           tune_steps, after_window=fq_hook.cache.clear)
     n_cal = len(codes) - len(plain)
     write_staged(work, f"layer-{i:05d}", codes,
                  {"layer": str(i), "calibrated": str(n_cal), "plain": json.dumps(plain)})
-    del codes, hessians, factors, esums
+    del codes
     try:
         out = _run_layer(layer, hidden, kwargs, lambda _n: fq_hook.cache.clear())
     finally:
@@ -540,7 +712,121 @@ def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i:
             h.remove()
         fq_hook.cache.clear()
     _to_meta(layer)
-    return out
+    return out, floats_out
+
+
+def _group_input(layer: nn.Module, module: nn.Module, hidden: torch.Tensor, kw: dict
+                 ) -> torch.Tensor:
+    """Run ``layer`` on one window until ``module`` is called; its first input ``[T, N]``
+    float32 (as the hooks registered before this one leave it)."""
+    got: list[torch.Tensor] = []
+
+    def pre(_m, args):
+        got.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            layer(hidden, **kw)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise ConversionError(f"the decoder layer never called {type(module).__name__} "
+                              f"during calibration")
+    return got[0]
+
+
+def _calibrate_layer_float_target(
+        model: nn.Module, reader: CheckpointReader, prefix: str, i: int,
+        targets: _LayerTargets, hidden: list[torch.Tensor], floats: list[torch.Tensor],
+        kwargs: list[dict], model_key: dict[str, str], dtype: torch.dtype, work: Path,
+        min_expert_tokens: int, percdamp: float, act_quant_inputs: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Calibrate decoder layer ``i`` against the float model's outputs (``target="float-weights"``).
+
+    ``hidden``: the layer's inputs in the quantized model, ``floats``: in the float model (one
+    ``[1, L, H]`` tensor per window each). Steps: (1) the float layer runs on ``floats``, the
+    inputs ``X_f`` of each group of Linear layers fed one tensor are kept, its outputs are the
+    next float inputs; (2) group by group, in the order the forward reaches them, the layer
+    (earlier groups already FP8, with W8A8 inputs when ``act_quant_inputs``) runs on ``hidden``
+    up to the group, giving ``X_q``; each weight of the group becomes
+    ``calibration.float_target_weight(W, X_q^T X_q, (X_f - X_q)^T X_q)`` and GPTQ rounds it with
+    the Hessian of ``X_q`` and fresh ``amax/448`` block scales of it; (3) routed experts as in
+    ``_calibrate_layer`` (their own inputs, float target within the layer); (4) the FP8 layer
+    runs on ``hidden``: the next quantized inputs. Returns ``(next hidden, next floats)``."""
+    name = f"{prefix}.{i}"
+    _load_layer(model, reader, name, model_key, dtype)
+    layer = model.get_submodule(name)
+    inputs = _Inputs()
+    handles = [model.get_submodule(n).register_forward_pre_hook(inputs.hook(n))
+               for n in targets.linears]
+    try:
+        floats_out = _run_layer(layer, floats, kwargs, inputs.next_window)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = inputs.groups
+    fq_hook = _FakeQuantInputs()
+    fq = []
+    if act_quant_inputs:
+        fq = [model.get_submodule(n).register_forward_pre_hook(fq_hook, with_kwargs=True)
+              for n in list(targets.linears) + list(targets.experts)]
+    codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    plain: dict[str, str] = {}
+    try:
+        for g in range(groups.count):
+            members = groups.members(g)
+            first = model.get_submodule(members[0])
+            n_in = first.weight.shape[1]
+            hq = torch.zeros(n_in, n_in, dtype=torch.float64)
+            cross = torch.zeros(n_in, n_in, dtype=torch.float64)
+            count = 0
+            for j, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+                fq_hook.cache.clear()
+                xq = _group_input(layer, first, h, kw).double()
+                xf = inputs.inputs[g][j].double()
+                hq += xq.T @ xq
+                cross += (xf - xq).T @ xq
+                count += xq.shape[0]
+            inputs.inputs[g] = []
+            hq /= max(count, 1)
+            cross /= max(count, 1)
+            factor = calibration.gptq_factor((2.0 * hq).float(), percdamp, act_order=True)
+            with torch.no_grad():
+                for mname in members:
+                    mod, ckey = model.get_submodule(mname), targets.linears[mname]
+                    w = calibration.float_target_weight(mod.weight.detach().float(), hq, cross,
+                                                        percdamp, name=ckey)
+                    q, s = calibration.gptq_quantize(w, None, None, factor=factor, name=ckey)
+                    codes[ckey] = (q, s)
+                    mod.weight.copy_(ops.dequantize_blockwise(q, s, (128, 128), mod.weight.dtype,
+                                                              name=ckey))
+            del hq, cross, factor
+        if targets.experts:
+            esums = {n: _ExpertSums(model.get_submodule(n)) for n in targets.experts}
+            eh = [model.get_submodule(n).register_forward_pre_hook(e.hook)
+                  for n, e in esums.items()]
+            try:
+                _run_layer(layer, hidden, kwargs, lambda _n: fq_hook.cache.clear())
+            finally:
+                for h in eh:
+                    h.remove()
+            _quantize_experts(model, targets, esums, min_expert_tokens, percdamp, codes, plain)
+        n_cal = len(codes) - len(plain)
+        write_staged(work, f"layer-{i:05d}", codes,
+                     {"layer": str(i), "calibrated": str(n_cal), "plain": json.dumps(plain)})
+        del codes
+        fq_hook.cache.clear()
+        out = _run_layer(layer, hidden, kwargs, lambda _n: fq_hook.cache.clear())
+    finally:
+        for h in fq:
+            h.remove()
+        fq_hook.cache.clear()
+    _to_meta(layer)
+    return out, floats_out
 
 
 @dataclass
@@ -564,6 +850,7 @@ def quantize_calibrated(src: str | os.PathLike, dst: str | os.PathLike, tokens: 
                         min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
                         dtype: torch.dtype = torch.float32,
                         trust_remote_code: bool = False, act_quant_inputs: bool = False,
+                        target: str = "layer",
                         before_shard: Callable[[str], None] | None = None,
                         finish: Callable[[Path], None] | None = None,
                         extra_outputs: Sequence[str] = (),
@@ -573,12 +860,16 @@ def quantize_calibrated(src: str | os.PathLike, dst: str | os.PathLike, tokens: 
     ``tokens.ids`` ``[n, L]`` (``calibration_token_windows``); ``method``: ``"gptq"``;
     ``min_expert_tokens``: routed experts with fewer calibration tokens keep plain rounding;
     ``dtype``: the dtype the layers run and are calibrated in (float32); ``act_quant_inputs``:
-    Hessians from the W8A8 (1x128 fake-quantized) inputs of each layer. The other parameters
+    Hessians from the W8A8 (1x128 fake-quantized) inputs of each layer; ``target``: what each
+    layer's FP8 output is made to reproduce, ``"layer"``, ``"float-weights"`` or
+    ``"float-scales"`` (module doc). The other parameters
     are ``quantize_checkpoint``'s. ``config.json`` gets ``"finefp8_calibration"``: the method,
     the text's name and SHA-256, the token count and window, and the weights left plain.
     """
     if method not in METHODS:
         raise ConversionError(f"unknown --calibrate {method!r}; expected one of {METHODS}")
+    if target not in TARGETS:
+        raise ConversionError(f"unknown calibration target {target!r}; expected one of {TARGETS}")
     if tokens.ids.dim() != 2 or tokens.ids.numel() == 0:
         raise ConversionError(f"calibration ids must be [windows, length], got "
                               f"{tuple(tokens.ids.shape)}")
@@ -586,16 +877,19 @@ def quantize_calibrated(src: str | os.PathLike, dst: str | os.PathLike, tokens: 
     options = {"method": method, "text_sha256": tokens.sha256, "ids_sha256": ids_sha,
                "min_expert_tokens": int(min_expert_tokens), "dtype": str(dtype),
                "percdamp": 0.01, "act_order": True, "act_quant_inputs": bool(act_quant_inputs)}
+    if target != "layer":  # the fingerprint of a "layer" run stays what it was
+        options["target"] = target
     metadata = {"method": method, "text": tokens.name, "text_sha256": tokens.sha256,
                 "tokens": int(tokens.ids.numel()), "windows": int(tokens.ids.shape[0]),
                 "window": int(tokens.ids.shape[1]), "min_expert_tokens": int(min_expert_tokens),
-                "hessian_inputs": "w8a8" if act_quant_inputs else "float"}
+                "hessian_inputs": "w8a8" if act_quant_inputs else "float", "target": target}
 
     def stage(work: Path, keys: frozenset[str]) -> dict:
         return stage_gptq_codes(src, work, keys, tokens, dtype=dtype,
                                 min_expert_tokens=min_expert_tokens,
                                 trust_remote_code=trust_remote_code,
-                                act_quant_inputs=act_quant_inputs, on_layer=on_layer)
+                                act_quant_inputs=act_quant_inputs, target=target,
+                                on_layer=on_layer)
 
     cal = Calibration(options, metadata, stage)
     res = quantize_checkpoint(src, dst, layout=layout, scale_fmt="fp32", ignore=ignore,
