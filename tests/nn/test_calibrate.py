@@ -579,3 +579,45 @@ def test_float_target_resumes_after_a_stop(llama_runs, float_target_run, tmp_pat
         assert (tmp_path / "out" / f).read_bytes() == (out / f).read_bytes()
     with pytest.raises(Exception, match="unknown calibration target"):
         quantize_calibrated(root / "in", tmp_path / "x", tokens, progress=False, target="model")
+
+
+class _OneLinear(torch.nn.Module):
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(w)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_tune_block_scales_lowers_the_error_and_keeps_amax_scales_when_it_diverges():
+    """On one Linear: tuning the block scales of its plain codes lowers the output error against
+    the float output (a float64 reference); an absurd learning rate that sends the scales to
+    inf / NaN leaves the amax/448 scales in place, never non-finite ones."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 384, generator=g) * torch.linspace(0.1, 2.0, 384)
+    x = [torch.randn(1, 64, 384, generator=g) for _ in range(2)]
+    wanted = [(xi.double() @ w.double().T).float() for xi in x]
+    q, s = ops.quantize_blockwise(w, (128, 128), "fp32")
+
+    def err(scale):
+        deq = ops.dequantize_blockwise(q, scale, (128, 128), torch.float64)
+        return sum(float((xi.double() @ deq.T - y.double()).pow(2).sum())
+                   for xi, y in zip(x, wanted, strict=True))
+
+    for lr, better in ((2e-3, True), (1e30, False)):
+        layer = _OneLinear(ops.dequantize_blockwise(q, s, (128, 128), torch.float32))
+        codes = {"layer.proj.weight": (q, s.clone())}
+        cal._tune_block_scales(layer, "layer", {"layer.proj": "layer.proj.weight"}, codes, x,
+                               wanted, [{}, {}], steps=30, lr=lr)
+        tuned = codes["layer.proj.weight"][1]
+        assert torch.isfinite(tuned).all() and (tuned > 0).all()
+        if better:
+            assert not torch.equal(tuned, s) and err(tuned) < err(s)
+        else:
+            assert torch.equal(tuned, s)
+        # the module now holds the dequantized codes with the kept scales
+        assert torch.equal(layer.proj.weight,
+                           ops.dequantize_blockwise(q, tuned, (128, 128), torch.float32))

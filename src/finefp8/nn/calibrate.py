@@ -614,7 +614,8 @@ def _tune_block_scales(layer: nn.Module, layer_name: str, linears: dict[str, str
     ``sum ||layer(h) - y||^2 / sum ||y||^2``. The W8A8 case needs nothing here: the caller's
     ``_FakeQuantInputs`` hooks stay on the Linear layers and pass the gradient straight
     through (``after_window`` clears their cache). ``codes`` is updated in place with the tuned
-    scales (float32, one a block)."""
+    scales (float32, one a block); a weight whose tuning left a non-finite or zero scale keeps
+    its ``amax/448`` scales."""
     names = {m: m[len(layer_name) + 1:] for m in linears}
     base = {m: (codes[k][0].float(), codes[k][1].float()) for m, k in linears.items()}
     u = {m: torch.zeros_like(s, requires_grad=True) for m, (_q, s) in base.items()}
@@ -626,7 +627,8 @@ def _tune_block_scales(layer: nn.Module, layer_name: str, linears: dict[str, str
             params = dict(frozen)
             for m, (q, s0) in base.items():
                 scale = s0 * torch.exp(u[m])
-                params[f"{names[m]}.weight"] = q * expand_block_scales(scale, tuple(q.shape))
+                key = f"{names[m]}.weight"
+                params[key] = (q * expand_block_scales(scale, tuple(q.shape))).to(frozen[key].dtype)
             out = _layer_out(torch.func.functional_call(layer, params, (h,), kw))
             loss = (out.float() - y.float()).pow(2).sum() / norm
             opt.zero_grad()
@@ -637,7 +639,10 @@ def _tune_block_scales(layer: nn.Module, layer_name: str, linears: dict[str, str
     with torch.no_grad():
         for m, k in linears.items():
             q, s0 = base[m]
-            codes[k] = (codes[k][0], (s0 * torch.exp(u[m])).float())
+            tuned = (s0 * torch.exp(u[m])).float()
+            if not bool((torch.isfinite(tuned) & (tuned > 0)).all()):  # diverged: amax/448
+                tuned = s0
+            codes[k] = (codes[k][0], tuned)
             mod = layer.get_submodule(names[m])
             mod.weight.copy_(ops.dequantize_blockwise(codes[k][0], codes[k][1], (128, 128),
                                                       mod.weight.dtype, name=k))
