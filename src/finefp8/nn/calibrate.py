@@ -600,6 +600,18 @@ def _quantize_experts(model: nn.Module, targets: _LayerTargets, esums: dict[str,
                 full[e, part * rows:(part + 1) * rows].copy_(deq)
 
 
+def _stage_and_propagate(work: Path, i: int, codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                         plain: dict[str, str], layer: nn.Module, hidden: list[torch.Tensor],
+                         kwargs: list[dict], fq_hook: _FakeQuantInputs) -> list[torch.Tensor]:
+    """Write layer ``i``'s codes (and the weights left plain) to the scratch folder, then run
+    the FP8 layer on ``hidden``: the next layer's inputs in the quantized model."""
+    n_cal = len(codes) - len(plain)
+    write_staged(work, f"layer-{i:05d}", codes,
+                 {"layer": str(i), "calibrated": str(n_cal), "plain": json.dumps(plain)})
+    fq_hook.cache.clear()
+    return _run_layer(layer, hidden, kwargs, lambda _n: fq_hook.cache.clear())
+
+
 def _tune_block_scales(layer: nn.Module, layer_name: str, linears: dict[str, str],
                        codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
                        hidden: list[torch.Tensor], wanted: list[torch.Tensor],
@@ -706,12 +718,8 @@ def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i:
     if tune_steps and floats_out is not None and targets.linears:
         _tune_block_scales(layer, name, targets.linears, codes, hidden, floats_out, kwargs,
                            tune_steps, after_window=fq_hook.cache.clear)
-    n_cal = len(codes) - len(plain)
-    write_staged(work, f"layer-{i:05d}", codes,
-                 {"layer": str(i), "calibrated": str(n_cal), "plain": json.dumps(plain)})
-    del codes
     try:
-        out = _run_layer(layer, hidden, kwargs, lambda _n: fq_hook.cache.clear())
+        out = _stage_and_propagate(work, i, codes, plain, layer, hidden, kwargs, fq_hook)
     finally:
         for h in fq:
             h.remove()
@@ -820,12 +828,7 @@ def _calibrate_layer_float_target(
                 for h in eh:
                     h.remove()
             _quantize_experts(model, targets, esums, min_expert_tokens, percdamp, codes, plain)
-        n_cal = len(codes) - len(plain)
-        write_staged(work, f"layer-{i:05d}", codes,
-                     {"layer": str(i), "calibrated": str(n_cal), "plain": json.dumps(plain)})
-        del codes
-        fq_hook.cache.clear()
-        out = _run_layer(layer, hidden, kwargs, lambda _n: fq_hook.cache.clear())
+        out = _stage_and_propagate(work, i, codes, plain, layer, hidden, kwargs, fq_hook)
     finally:
         for h in fq:
             h.remove()
