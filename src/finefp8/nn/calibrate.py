@@ -62,6 +62,7 @@ were saved (per-layer granularity: the layer in progress is redone), then writes
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import hashlib
@@ -253,32 +254,26 @@ class _Groups:
     def members(self, g: int) -> list[str]:
         return [n for n, k in self.group_of.items() if k == g]
 
-
-class _GroupHooks:
-    """Forward pre-hooks on Linear layers that hand each group's input (``_Groups``) to
-    ``take(g, x)`` once per window."""
-
-    def __init__(self) -> None:
-        self.groups = _Groups()
-
-    def hook(self, name: str):
+    def hook(self, name: str, take: Callable[[int, torch.Tensor], None]):
+        """A forward pre-hook for module ``name`` that calls ``take(group, input)`` the first
+        time the module's group is fed in a window."""
         def pre(_mod, args):
-            g = self.groups.visit(name, args[0])
+            g = self.visit(name, args[0])
             if g is not None:
-                self.take(g, args[0])
+                take(g, args[0])
         return pre
 
-    def take(self, g: int, x: torch.Tensor) -> None:
-        raise NotImplementedError
 
-
-class _Sums(_GroupHooks):
+class _Sums:
     """``X^T X`` sums of the inputs of named Linear layers, one per group."""
 
     def __init__(self) -> None:
-        super().__init__()
+        self.groups = _Groups()
         self.sums: list[torch.Tensor] = []
         self.count = 0
+
+    def hook(self, name: str):
+        return self.groups.hook(name, self.take)
 
     def take(self, g: int, x: torch.Tensor) -> None:
         if g == len(self.sums):
@@ -295,12 +290,15 @@ class _Sums(_GroupHooks):
         return {n: hs[g] for n, g in self.groups.group_of.items()}
 
 
-class _Inputs(_GroupHooks):
+class _Inputs:
     """The inputs ``[T, N]`` float32 of each group of Linear layers, per window."""
 
     def __init__(self) -> None:
-        super().__init__()
+        self.groups = _Groups()
         self.inputs: list[list[torch.Tensor]] = []
+
+    def hook(self, name: str):
+        return self.groups.hook(name, self.take)
 
     def take(self, g: int, x: torch.Tensor) -> None:
         if g == len(self.inputs):
@@ -654,10 +652,40 @@ def _tune_block_scales(layer: nn.Module, layer_name: str, linears: dict[str, str
             tuned = (s0 * torch.exp(u[m])).float()
             if not bool((torch.isfinite(tuned) & (tuned > 0)).all()):  # diverged: amax/448
                 tuned = s0
-            codes[k] = (codes[k][0], tuned)
-            mod = layer.get_submodule(names[m])
-            mod.weight.copy_(ops.dequantize_blockwise(codes[k][0], codes[k][1], (128, 128),
-                                                      mod.weight.dtype, name=k))
+            _keep_codes(layer.get_submodule(names[m]), k, codes[k][0], tuned, codes)
+
+
+@contextlib.contextmanager
+def _pre_hooks(model: nn.Module, hooks: list[tuple[str, Callable]], with_kwargs: bool = False):
+    """Forward pre-hooks ``(module name, hook)`` on ``model``'s submodules, removed on exit."""
+    handles = [model.get_submodule(n).register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+               for n, fn in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _w8a8_inputs(model: nn.Module, names: list[str], enabled: bool):
+    """With ``enabled``, the modules ``names`` see their input as W8A8 computes with it
+    (``_FakeQuantInputs``) until exit; yields the hook (its cache is cleared per window by the
+    caller, and on exit)."""
+    hook = _FakeQuantInputs()
+    with _pre_hooks(model, [(n, hook) for n in names] if enabled else [], with_kwargs=True):
+        try:
+            yield hook
+        finally:
+            hook.cache.clear()
+
+
+def _keep_codes(mod: nn.Module, ckey: str, q: torch.Tensor, s: torch.Tensor,
+                codes: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Record checkpoint weight ``ckey``'s codes and put ``q * s`` in Linear ``mod``."""
+    codes[ckey] = (q, s)
+    with torch.no_grad():
+        mod.weight.copy_(ops.dequantize_blockwise(q, s, (128, 128), mod.weight.dtype, name=ckey))
 
 
 def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i: int,
@@ -680,50 +708,36 @@ def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i:
     _load_layer(model, reader, name, model_key, dtype)
     layer = model.get_submodule(name)
     floats_out = None if floats is None else _run_layer(layer, floats, kwargs)
-    fq, fq_hook = [], _FakeQuantInputs()
-    if act_quant_inputs:  # registered first: the Hessian hooks then see the quantized input
-        fq = [model.get_submodule(n).register_forward_pre_hook(fq_hook, with_kwargs=True)
-              for n in list(targets.linears) + list(targets.experts)]
-    sums = _Sums()
-    esums = {n: _ExpertSums(model.get_submodule(n)) for n in targets.experts}
-    handles = [model.get_submodule(n).register_forward_pre_hook(sums.hook(n))
-               for n in targets.linears]
-    handles += [model.get_submodule(n).register_forward_pre_hook(s.hook) for n, s in esums.items()]
-    def next_window(tokens: int) -> None:
-        sums.next_window(tokens)
-        fq_hook.cache.clear()
-
-    try:
-        _run_layer(layer, hidden, kwargs, next_window)
-    finally:
-        for h in handles:
-            h.remove()
-    hessians = sums.hessians()
     codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     plain: dict[str, str] = {}
-    factors: dict[int, tuple] = {}
-    with torch.no_grad():
+    # the W8A8 hooks come first: the Hessian hooks then see the quantized input
+    with _w8a8_inputs(model, list(targets.linears) + list(targets.experts),
+                      act_quant_inputs) as fq_hook:
+        sums = _Sums()
+        esums = {n: _ExpertSums(model.get_submodule(n)) for n in targets.experts}
+
+        def next_window(tokens: int) -> None:
+            sums.next_window(tokens)
+            fq_hook.cache.clear()
+
+        with _pre_hooks(model, [(n, sums.hook(n)) for n in targets.linears]
+                        + [(n, e.hook) for n, e in esums.items()]):
+            _run_layer(layer, hidden, kwargs, next_window)
+        hessians, factors = sums.hessians(), {}
         for mname, ckey in targets.linears.items():
-            mod = model.get_submodule(mname)
-            h = hessians[mname]
+            h, mod = hessians[mname], model.get_submodule(mname)
             if id(h) not in factors:
                 factors[id(h)] = calibration.gptq_factor(h, percdamp, act_order=True)
             q, s = calibration.gptq_quantize(mod.weight.detach().float(), None, None,
                                              factor=factors[id(h)], name=ckey)
-            codes[ckey] = (q, s)
-            mod.weight.copy_(ops.dequantize_blockwise(q, s, (128, 128), mod.weight.dtype,
-                                                      name=ckey))
+            _keep_codes(mod, ckey, q, s, codes)
+        del hessians, factors
         _quantize_experts(model, targets, esums, min_expert_tokens, percdamp, codes, plain)
-    del hessians, factors, esums
-    if tune_steps and floats_out is not None and targets.linears:
-        _tune_block_scales(layer, name, targets.linears, codes, hidden, floats_out, kwargs,
-                           tune_steps, after_window=fq_hook.cache.clear)
-    try:
+        del esums
+        if tune_steps and floats_out is not None and targets.linears:
+            _tune_block_scales(layer, name, targets.linears, codes, hidden, floats_out, kwargs,
+                               tune_steps, after_window=fq_hook.cache.clear)
         out = _stage_and_propagate(work, i, codes, plain, layer, hidden, kwargs, fq_hook)
-    finally:
-        for h in fq:
-            h.remove()
-        fq_hook.cache.clear()
     _to_meta(layer)
     return out, floats_out
 
@@ -774,65 +788,42 @@ def _calibrate_layer_float_target(
     _load_layer(model, reader, name, model_key, dtype)
     layer = model.get_submodule(name)
     inputs = _Inputs()
-    handles = [model.get_submodule(n).register_forward_pre_hook(inputs.hook(n))
-               for n in targets.linears]
-    try:
+    with _pre_hooks(model, [(n, inputs.hook(n)) for n in targets.linears]):
         floats_out = _run_layer(layer, floats, kwargs, inputs.next_window)
-    finally:
-        for h in handles:
-            h.remove()
-    groups = inputs.groups
-    fq_hook = _FakeQuantInputs()
-    fq = []
-    if act_quant_inputs:
-        fq = [model.get_submodule(n).register_forward_pre_hook(fq_hook, with_kwargs=True)
-              for n in list(targets.linears) + list(targets.experts)]
     codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     plain: dict[str, str] = {}
-    try:
-        for g in range(groups.count):
-            members = groups.members(g)
+    with _w8a8_inputs(model, list(targets.linears) + list(targets.experts),
+                      act_quant_inputs) as fq_hook:
+        for g in range(inputs.groups.count):
+            members = inputs.groups.members(g)
             first = model.get_submodule(members[0])
             n_in = first.weight.shape[1]
             hq = torch.zeros(n_in, n_in, dtype=torch.float64)
             cross = torch.zeros(n_in, n_in, dtype=torch.float64)
             count = 0
-            for j, (h, kw) in enumerate(zip(hidden, kwargs, strict=True)):
+            for h, kw, xf in zip(hidden, kwargs, inputs.inputs[g], strict=True):
                 fq_hook.cache.clear()
                 xq = _group_input(layer, first, h, kw).double()
-                xf = inputs.inputs[g][j].double()
                 hq += xq.T @ xq
-                cross += (xf - xq).T @ xq
+                cross += (xf.double() - xq).T @ xq
                 count += xq.shape[0]
             inputs.inputs[g] = []
             hq /= max(count, 1)
             cross /= max(count, 1)
             factor = calibration.gptq_factor((2.0 * hq).float(), percdamp, act_order=True)
-            with torch.no_grad():
-                for mname in members:
-                    mod, ckey = model.get_submodule(mname), targets.linears[mname]
-                    w = calibration.float_target_weight(mod.weight.detach().float(), hq, cross,
-                                                        percdamp, name=ckey)
-                    q, s = calibration.gptq_quantize(w, None, None, factor=factor, name=ckey)
-                    codes[ckey] = (q, s)
-                    mod.weight.copy_(ops.dequantize_blockwise(q, s, (128, 128), mod.weight.dtype,
-                                                              name=ckey))
+            for mname in members:
+                mod, ckey = model.get_submodule(mname), targets.linears[mname]
+                w = calibration.float_target_weight(mod.weight.detach().float(), hq, cross,
+                                                    percdamp, name=ckey)
+                q, s = calibration.gptq_quantize(w, None, None, factor=factor, name=ckey)
+                _keep_codes(mod, ckey, q, s, codes)
             del hq, cross, factor
         if targets.experts:
             esums = {n: _ExpertSums(model.get_submodule(n)) for n in targets.experts}
-            eh = [model.get_submodule(n).register_forward_pre_hook(e.hook)
-                  for n, e in esums.items()]
-            try:
+            with _pre_hooks(model, [(n, e.hook) for n, e in esums.items()]):
                 _run_layer(layer, hidden, kwargs, lambda _n: fq_hook.cache.clear())
-            finally:
-                for h in eh:
-                    h.remove()
             _quantize_experts(model, targets, esums, min_expert_tokens, percdamp, codes, plain)
         out = _stage_and_propagate(work, i, codes, plain, layer, hidden, kwargs, fq_hook)
-    finally:
-        for h in fq:
-            h.remove()
-        fq_hook.cache.clear()
     _to_meta(layer)
     return out, floats_out
 
