@@ -69,6 +69,7 @@ __all__ = [
     "hessian_from_inputs",
     "gptq_factor",
     "gptq_quantize",
+    "float_target_correction",
     "float_target_weight",
 ]
 
@@ -280,18 +281,46 @@ def gptq_quantize(
     return out.to(fmt.torch_dtype), scale_inv
 
 
-def float_target_weight(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor,
-                        percdamp: float = 0.01, *, name: str | None = None) -> torch.Tensor:
-    """``W* = W + W C (H + damp I)^-1``: the weight whose GPTQ rounding on the quantized
-    model's inputs best reproduces the float model's outputs (module docstring, item 3).
+def float_target_correction(hessian: torch.Tensor, cross: torch.Tensor,
+                            percdamp: float = 0.01, *, name: str | None = None) -> torch.Tensor:
+    """``M = C (H + damp I)^-1`` ``[N, N]`` float64, so that ``W* = W + W M``
+    (``float_target_weight``); computed once for the layers fed one input (q/k/v, gate/up).
 
     Args:
-        w: ``[M, N]`` float weight.
         hessian: ``[N, N]`` ``X_q^T X_q / T`` of the inputs the quantized model gives the layer
             (any common positive factor, shared with ``cross``).
         cross: ``[N, N]`` ``(X_f - X_q)^T X_q / T`` with the same factor, ``X_f`` the float
             model's inputs for the same tokens.
         percdamp: ``damp = percdamp * mean(diag(H))`` (1 when the diagonal is all zero).
+        name: the tensor's name for error messages.
+    """
+    what = f"tensor {name!r}" if name else "weight"
+    n = hessian.shape[0] if hessian.dim() == 2 else -1
+    if tuple(hessian.shape) != (n, n) or tuple(cross.shape) != (n, n):
+        raise ValueError(f"{what}: Hessian {tuple(hessian.shape)} and cross term "
+                         f"{tuple(cross.shape)} must both be square and of one size")
+    if not (bool(torch.isfinite(hessian).all()) and bool(torch.isfinite(cross).all())):
+        raise ValueError(f"{what}: the Hessian or the cross term has NaN or Inf")
+    h = hessian.double()
+    mean = float(torch.diag(h).mean())
+    damp = percdamp * mean if mean > 0 else 1.0
+    h = h + damp * torch.eye(n, dtype=h.dtype, device=h.device)
+    # C (H + damp)^-1 = ((H + damp)^-1 C^T)^T, H symmetric
+    return torch.cholesky_solve(cross.double().T, torch.linalg.cholesky(h)).T
+
+
+def float_target_weight(w: torch.Tensor, hessian: torch.Tensor | None, cross: torch.Tensor | None,
+                        percdamp: float = 0.01, *, correction: torch.Tensor | None = None,
+                        name: str | None = None) -> torch.Tensor:
+    """``W* = W + W C (H + damp I)^-1``: the weight whose GPTQ rounding on the quantized
+    model's inputs best reproduces the float model's outputs (module docstring, item 3).
+
+    Args:
+        w: ``[M, N]`` float weight.
+        hessian, cross, percdamp: as ``float_target_correction`` takes them; may be ``None``
+            when ``correction`` is given.
+        correction: ``float_target_correction(hessian, cross, percdamp)`` computed once for
+            layers sharing an input.
 
     Returns:
         ``W*`` ``[M, N]`` float32, computed in float64 (Cholesky solve of the damped ``H``).
@@ -299,16 +328,14 @@ def float_target_weight(w: torch.Tensor, hessian: torch.Tensor, cross: torch.Ten
     what = f"tensor {name!r}" if name else "weight"
     _check_weight(w, what)
     n = w.shape[1]
-    if tuple(hessian.shape) != (n, n) or tuple(cross.shape) != (n, n):
-        raise ValueError(f"{what}: Hessian {tuple(hessian.shape)} and cross term "
-                         f"{tuple(cross.shape)} must both be {(n, n)}")
-    if not (bool(torch.isfinite(hessian).all()) and bool(torch.isfinite(cross).all())):
-        raise ValueError(f"{what}: the Hessian or the cross term has NaN or Inf")
-    h = hessian.double()
-    mean = float(torch.diag(h).mean())
-    damp = percdamp * mean if mean > 0 else 1.0
-    h = h + damp * torch.eye(n, dtype=h.dtype, device=h.device)
+    if correction is None:
+        if hessian is None or cross is None or tuple(hessian.shape) != (n, n) \
+                or tuple(cross.shape) != (n, n):
+            got = [None if t is None else tuple(t.shape) for t in (hessian, cross)]
+            raise ValueError(f"{what}: Hessian {got[0]} and cross term {got[1]} must both be "
+                             f"{(n, n)}")
+        correction = float_target_correction(hessian, cross, percdamp, name=name)
+    if tuple(correction.shape) != (n, n):
+        raise ValueError(f"{what}: correction {tuple(correction.shape)} must be {(n, n)}")
     wd = w.double()
-    # W C (H + damp)^-1 = ((H + damp)^-1 C^T W^T)^T, H symmetric
-    corr = torch.cholesky_solve(cross.double().T @ wd.T, torch.linalg.cholesky(h)).T
-    return (wd + corr).float()
+    return (wd + wd @ correction.double()).float()

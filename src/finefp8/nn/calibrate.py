@@ -780,7 +780,8 @@ def _calibrate_layer_float_target(
     next float inputs; (2) group by group, in the order the forward reaches them, the layer
     (earlier groups already FP8, with W8A8 inputs when ``act_quant_inputs``) runs on ``hidden``
     up to the group, giving ``X_q``; each weight of the group becomes
-    ``calibration.float_target_weight(W, X_q^T X_q, (X_f - X_q)^T X_q)`` and GPTQ rounds it with
+    ``calibration.float_target_weight(W, X_q^T X_q, (X_f - X_q)^T X_q)`` (the correction computed
+    once per group) and GPTQ rounds it with
     the Hessian of ``X_q`` and fresh ``amax/448`` block scales of it; (3) routed experts as in
     ``_calibrate_layer`` (their own inputs, float target within the layer); (4) the FP8 layer
     runs on ``hidden``: the next quantized inputs. Returns ``(next hidden, next floats)``."""
@@ -811,13 +812,15 @@ def _calibrate_layer_float_target(
             hq /= max(count, 1)
             cross /= max(count, 1)
             factor = calibration.gptq_factor((2.0 * hq).float(), percdamp, act_order=True)
+            corr = calibration.float_target_correction(hq, cross, percdamp,
+                                                       name=targets.linears[members[0]])
             for mname in members:
                 mod, ckey = model.get_submodule(mname), targets.linears[mname]
-                w = calibration.float_target_weight(mod.weight.detach().float(), hq, cross,
-                                                    percdamp, name=ckey)
+                w = calibration.float_target_weight(mod.weight.detach().float(), None, None,
+                                                    correction=corr, name=ckey)
                 q, s = calibration.gptq_quantize(w, None, None, factor=factor, name=ckey)
                 _keep_codes(mod, ckey, q, s, codes)
-            del hq, cross, factor
+            del hq, cross, factor, corr
         if targets.experts:
             esums = {n: _ExpertSums(model.get_submodule(n)) for n in targets.experts}
             with _pre_hooks(model, [(n, e.hook) for n, e in esums.items()]):
