@@ -541,8 +541,8 @@ def _layer0_error(model, folder: Path, ids: torch.Tensor) -> float:
     quant = copy.deepcopy(model)
     with torch.no_grad():
         for n, m in quant.model.layers[0].named_modules():
-            if isinstance(m, torch.nn.Linear):
-                k = f"model.layers.0.{n}.weight"
+            k = f"model.layers.0.{n}.weight"
+            if isinstance(m, torch.nn.Linear) and k + "_scale_inv" in t:
                 m.weight.copy_(ops.dequantize_blockwise(t[k], t[k + "_scale_inv"], (128, 128),
                                                         torch.float32))
     outs = []
@@ -621,3 +621,38 @@ def test_tune_block_scales_lowers_the_error_and_keeps_amax_scales_when_it_diverg
         # the module now holds the dequantized codes with the kept scales
         assert torch.equal(layer.proj.weight,
                            ops.dequantize_blockwise(q, tuned, (128, 128), torch.float32))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("target", ["float-weights", "float-scales"])
+def test_float_targets_on_moe_models(family, target, tmp_path):
+    """Both float targets on MoE families: the routed experts are GPTQ-calibrated (codes
+    differ from plain rounding) and every FP8 weight has finite positive scales.
+    ``float-weights``: the checkpoint's W8A8 logits are closer to the float model's than the
+    plain checkpoint's on the calibration ids. ``float-scales``: layer 0's output is closer to
+    the float layer's than with the "layer" target's amax/448 scales (what it tunes)."""
+    import moe_models
+
+    model = getattr(moe_models, family)()
+    model.save_pretrained(tmp_path / "in")
+    vocab = model.config.vocab_size
+    tokens = CalibrationTokens(_ids(4, 128, seed=3, vocab=vocab), "random ids", "ef" * 32)
+    quantize_checkpoint(tmp_path / "in", tmp_path / "plain", progress=False, tp=())
+    res = quantize_calibrated(tmp_path / "in", tmp_path / "cal", tokens, progress=False, tp=(),
+                              target=target, act_quant_inputs=target == "float-weights")
+    assert res.metadata["target"] == target
+    plain, got = _tensors(tmp_path / "plain"), _tensors(tmp_path / "cal")
+    experts = [k for k in _expert_keys(plain) if k not in set(res.metadata["plain"])]
+    assert experts and all(not torch.equal(plain[k].view(torch.uint8), got[k].view(torch.uint8))
+                           for k in experts)
+    for k, v in got.items():
+        if k.endswith("_scale_inv"):
+            assert torch.isfinite(v).all() and (v > 0).all(), k
+    if target == "float-weights":
+        err = _logit_errors(model, tokens.ids[:2], {"plain": tmp_path / "plain",
+                                                    "cal": tmp_path / "cal"})
+        assert err["cal"] < err["plain"], err
+    else:
+        quantize_calibrated(tmp_path / "in", tmp_path / "layer", tokens, progress=False, tp=())
+        err = {n: _layer0_error(model, tmp_path / n, tokens.ids) for n in ("layer", "cal")}
+        assert err["cal"] < err["layer"], err

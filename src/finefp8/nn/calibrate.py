@@ -368,7 +368,7 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
 def _save_hidden(work: Path, hidden: list[torch.Tensor], layer: int,
                  floats: list[torch.Tensor] | None = None) -> None:
     """Atomically save the hidden states after ``layer`` (one tensor per window): the quantized
-    model's ``h{j}`` and, with ``target="float-weights"``, the float model's ``f{j}``."""
+    model's ``h{j}`` and, for the float targets, the float model's ``f{j}``."""
     from ..checkpoint.writer import ShardWriter, fsync_dir
 
     tensors = {f"h{j}": h for j, h in enumerate(hidden)}
