@@ -346,6 +346,7 @@ def test_hessian_from_w8a8_inputs(llama_runs, tmp_path):
 _KILLED_CHILD = r"""
 import os, signal, sys, torch
 from finefp8.nn.calibrate import CalibrationTokens, quantize_calibrated
+torch.set_num_threads(int(sys.argv[3]))  # the parent's: BLAS may split sums by thread count
 ids = torch.randint(3, 300, (8, 128), generator=torch.Generator().manual_seed(5))
 def die(i, n):
     if i == 0:
@@ -361,7 +362,8 @@ def test_sigkilled_calibration_resumes(llama_runs, tmp_path):
     _, root, tokens, _ = llama_runs
     assert torch.equal(tokens.ids, _ids(8, 128, seed=5))
     r = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(root / "in"),
-                        str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+                        str(tmp_path / "out"), str(torch.get_num_threads())],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == -9, r.stderr
     assert (tmp_path / "out" / WORK_DIR).is_dir()
     seen = []

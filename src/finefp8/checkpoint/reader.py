@@ -232,16 +232,19 @@ def read_rows(root: str | os.PathLike, info: TensorInfo, r0: int, r1: int) -> to
     for d in rest:
         row_bytes *= d
     n = (r1 - r0) * row_bytes
-    buf = bytearray(n)
+    # torch's allocator, not a bytearray: its 64-byte alignment is the same on every run, as
+    # for any tensor a computation makes. A bytearray's address varies modulo 64 from run to
+    # run, and BLAS kernels may round differently on differently aligned inputs, which would
+    # make a resumed calibration differ from an uninterrupted one in the last bit.
+    t = torch.empty(n, dtype=torch.uint8)
     path = Path(root) / info.shard
-    view, got, pos = memoryview(buf), 0, info.offset + r0 * row_bytes
+    view, got, pos = memoryview(t.numpy()).cast("B"), 0, info.offset + r0 * row_bytes
     with open(path, "rb", buffering=0) as f:
         while got < n:
             k = os.preadv(f.fileno(), [view[got:]], pos + got)
             if not k:
                 raise CheckpointError(f"{path}: unexpected end of file reading tensor {info.key!r}")
             got += k
-    t = torch.frombuffer(buf, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
     t = t.view(dtype)
     return t.reshape((r1 - r0, *rest)) if len(info.shape) >= 2 else t.reshape(info.shape)
 
