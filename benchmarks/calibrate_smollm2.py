@@ -101,11 +101,24 @@ def summarize(s: dict[str, torch.Tensor], seed: int = 0, resamples: int = 1000) 
             "tokens": n}
 
 
+def eval_texts(tok, ids: torch.Tensor, tokens: int, second_text: str | None
+               ) -> list[tuple[str, torch.Tensor]]:
+    """``(name, token ids)`` to evaluate on: the first ``tokens`` of the default text's ``ids``
+    and, given ``second_text`` (a file), the first ``tokens`` of that file."""
+    from finefp8.eval.text import read_text_file, tokenize
+
+    texts = [("default (pydoc topics)", ids[:tokens])]
+    if second_text:
+        texts.append((Path(second_text).name,
+                      tokenize(tok, read_text_file(second_text).text)[:tokens]))
+    return texts
+
+
 def main(argv: list[str] | None = None) -> int:
     import finefp8
     from finefp8.checkpoint.convert import quantize_checkpoint
     from finefp8.eval.models import load_default_model
-    from finefp8.eval.text import default_text, read_text_file, tokenize
+    from finefp8.eval.text import default_text, tokenize
     from finefp8.nn.calibrate import (
         CalibrationTokens,
         calibration_token_windows,
@@ -131,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = tokenize(tok, text.text)
     if ids.numel() < args.tokens + args.calib_tokens:
         raise SystemExit("the default text is too short for disjoint eval and calibration")
-    texts = [("default (pydoc topics)", ids[:args.tokens])]
-    if args.second_text:
-        second = read_text_file(args.second_text)
-        texts.append((Path(args.second_text).name, tokenize(tok, second.text)[:args.tokens]))
+    texts = eval_texts(tok, ids, args.tokens, args.second_text)
     calib = CalibrationTokens(calibration_token_windows(ids, args.calib_tokens), text.name,
                               text.sha256)
     rows = []

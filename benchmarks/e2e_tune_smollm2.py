@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from calibrate_smollm2 import summarize, token_stats  # noqa: E402
+from calibrate_smollm2 import eval_texts, summarize, token_stats  # noqa: E402
 
 
 def _report(tag: str, ref, model, texts) -> None:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors import safe_open
 
     from finefp8.eval.models import load_default_model
-    from finefp8.eval.text import default_text, read_text_file, tokenize
+    from finefp8.eval.text import default_text, tokenize
     from finefp8.nn.calibrate import (
         CalibrationTokens,
         calibration_token_windows,
@@ -70,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ref, tok = loaded.model.eval(), loaded.tokenizer
     text = default_text()
     ids = tokenize(tok, text.text)
-    texts = [("default", ids[:3072])]
-    if args.second_text:
-        texts.append((Path(args.second_text).name,
-                      tokenize(tok, read_text_file(args.second_text).text)[:3072]))
+    texts = eval_texts(tok, ids, 3072, args.second_text)
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(Path(tmp) / "in")
         tok.save_pretrained(Path(tmp) / "in")
