@@ -229,7 +229,9 @@ def gptq_quantize(
 
     Returns:
         ``(q, scale_inv)`` in the same format as ``finefp8.quantize_blockwise``. The codes
-        minimise (greedily) ``||X W^T - X (q*s)^T||^2`` rather than ``||W - q*s||^2``.
+        minimise (greedily) ``||X W^T - X (q*s)^T||^2`` rather than ``||W - q*s||^2``. A block
+        of ``w`` that is all zero keeps all-zero codes (its rounding error is the update the
+        other columns put there, and is passed on like any other).
         The column updates run in float32, as in the GPTQ reference code.
     """
     what = f"tensor {name!r}" if name else "weight"
@@ -257,6 +259,10 @@ def gptq_quantize(
     scale_inv = scale_inv.float()
     # per-element scales, columns in processing order
     scales = expand_block_scales(scale_inv, (m, n), block_size)[:, perm]
+    # a block that is all zero in ``w`` keeps zero codes: its floor scale cannot represent the
+    # error the other columns push into it (its codes would saturate at +-448)
+    zero = expand_block_scales((block_amax(w, block_size) == 0).float(), (m, n),
+                               block_size)[:, perm].bool()
 
     work = w.float().clone()
     work[:, dead] = 0.0
@@ -270,7 +276,7 @@ def gptq_quantize(
         err1 = torch.empty_like(w1)
         hinv1 = hinv[c0:c1, c0:c1]
         for i in range(c1 - c0):
-            code = to_fp8(w1[:, i] / s1[:, i], fmt).float()
+            code = to_fp8(w1[:, i] / s1[:, i], fmt).float().masked_fill_(zero[:, c0 + i], 0.0)
             codes[:, c0 + i] = code
             e = (w1[:, i] - code * s1[:, i]) / hinv1[i, i]
             w1[:, i:].sub_(torch.outer(e, hinv1[i, i:]))

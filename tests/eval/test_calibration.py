@@ -115,6 +115,28 @@ def test_gptq_dead_inputs_give_zero_codes():
     assert (q.float()[:, 5] == 0).all()
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_keeps_a_zero_block_zero_and_still_lowers_the_error(act_order):
+    """A 128x128 block that is all zero in the weight (pruned) keeps zero codes and its floor
+    scale; GPTQ pushes the other columns' error into those columns, which the floor scale
+    could only show as codes saturated at +-448. The rest still beats plain rounding on fresh
+    inputs."""
+    m, n = 256, 384
+    w = torch.randn(m, n, generator=torch.Generator().manual_seed(2)) * 0.05
+    w[:128, 128:256] = 0.0
+    h = hessian_from_inputs(_correlated_inputs(2048, n, 7))
+    q0, s0 = quantize_blockwise(w)
+    q, s = gptq_quantize(w, h, act_order=act_order)
+    assert torch.equal(s, s0) and s[0, 1] < 1e-12
+    assert (q.float()[:128, 128:256] == 0).all()
+    assert (q.float()[:128, :128] != q0.float()[:128, :128]).any()  # GPTQ moved the others
+    x = _correlated_inputs(1024, n, 8)
+    y = x @ w.T
+    err0 = ((x @ dequantize_blockwise(q0, s0, dtype=torch.float32).T - y) ** 2).sum()
+    err1 = ((x @ dequantize_blockwise(q, s, dtype=torch.float32).T - y) ** 2).sum()
+    assert err1 < 0.8 * err0
+
+
 def test_gptq_factor_shared_gives_same_codes():
     from finefp8.calibration import gptq_factor
 

@@ -313,6 +313,19 @@ def test_cli_quantize_calibrate_records_text_and_hash(tmp_path, helpers, capsys)
     assert rc == 1
     assert "fewer than --calib-tokens 100000" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+    # other bad options: each named, exit status 1, no output folder
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    for extra, said in ((["--text", str(tmp_path / "nope.txt")], "no such file"),
+                        (["--text", str(tmp_path / "empty.txt")], "is empty"),
+                        (["--text", str(tmp_path / "binary.txt")], "not UTF-8"),
+                        (["--calib-tokens", "1"], "--calib-tokens (1)"),
+                        (["--min-expert-tokens", "0"], "--min-expert-tokens must be >= 1")):
+        rc = main(["quantize", str(tmp_path / "in"), str(tmp_path / "out3"), "--calibrate",
+                   "gptq", "--quiet", *extra])
+        assert rc == 1, extra
+        assert said in capsys.readouterr().err, extra
+        assert not (tmp_path / "out3").exists(), extra
 
 
 def test_hessian_from_w8a8_inputs(llama_runs, tmp_path):

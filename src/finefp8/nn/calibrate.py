@@ -872,6 +872,9 @@ def quantize_calibrated(src: str | os.PathLike, dst: str | os.PathLike, tokens: 
         raise ConversionError(f"unknown --calibrate {method!r}; expected one of {METHODS}")
     if target not in TARGETS:
         raise ConversionError(f"unknown calibration target {target!r}; expected one of {TARGETS}")
+    if min_expert_tokens < 1:
+        raise ConversionError(f"--min-expert-tokens must be >= 1, got {min_expert_tokens}: an "
+                              f"expert routed no calibration token has no Hessian to calibrate on")
     if tokens.ids.dim() != 2 or tokens.ids.numel() == 0:
         raise ConversionError(f"calibration ids must be [windows, length], got "
                               f"{tuple(tokens.ids.shape)}")
