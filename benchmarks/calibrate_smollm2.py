@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", default=["plain", "gptq"],
                    choices=("plain", *VARIANTS),
                    help="; ".join(f"{k}: {v[0]}" for k, v in VARIANTS.items()))
+    p.add_argument("--kv-hessian", choices=("attention", "input"), default="attention",
+                   help="k_proj / v_proj Hessians, as quantize --kv-hessian (attention)")
     p.add_argument("--tp", type=int, nargs="*", default=[],
                    help="serving-check degrees (default none: every Linear FP8, the DeepSeek-V3 "
                         "scheme; 1 keeps SmolLM2's q/k/v in bf16 as `quantize` does by default)")
@@ -163,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             res, secs, mem = _peak_rss(lambda v=v, aq=act_quant_inputs, t=target:
                                        quantize_calibrated(src, Path(tmp) / v, calib,
                                                            progress=False, tp=tuple(args.tp),
-                                                           act_quant_inputs=aq, target=t))
-            print(f"{v}: {res.metadata['calibrated']} weights GPTQ, "
+                                                           act_quant_inputs=aq, target=t,
+                                                           kv_hessian=args.kv_hessian))
+            print(f"{v} (kv Hessians: {res.metadata['kv_hessian']}): "
+                  f"{res.metadata['calibrated']} weights GPTQ, "
                   f"{len(res.metadata['plain'])} plain, {calib.ids.numel()} tokens, "
                   f"{secs:.0f} s", flush=True)
             runs.append((label, v, secs, mem))

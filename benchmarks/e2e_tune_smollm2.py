@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         ref.save_pretrained(Path(tmp) / "in")
         tok.save_pretrained(Path(tmp) / "in")
         calib = CalibrationTokens(calibration_token_windows(ids, 2048), text.name, text.sha256)
-        quantize_calibrated(Path(tmp) / "in", Path(tmp) / "gptq", calib, progress=False, tp=())
+        # the input-Hessian GPTQ codes the tuning in docs/eval.md started from
+        quantize_calibrated(Path(tmp) / "in", Path(tmp) / "gptq", calib, progress=False, tp=(),
+                            kv_hessian="input")
         with safe_open(str(Path(tmp) / "gptq" / "model.safetensors"), "pt") as f:
             stored = {k: f.get_tensor(k) for k in f.keys()}
     model = copy.deepcopy(ref)

@@ -43,6 +43,12 @@ still ``(q, scale_inv)``: fp8 codes ``[M, N]`` and an fp32 grid
    GPTQ of ``W*`` with the Hessian of ``X_q`` minimises the whole. When ``X_f = X_q``,
    ``W* = W`` exactly (the damping pulls the correction, not the weight, towards zero).
 
+4. ``attention_hessian_sums`` / ``gptq_quantize_rows``: GPTQ's objective is a sum over the
+   weight's rows, so rows may have Hessians of their own. For ``k_proj`` and ``v_proj`` the
+   error that matters is the attention output's, not the keys' and values' own: one Hessian
+   per key/value head, each token weighted by the attention it receives (exactly, for
+   values; to first order, for keys). See ``attention_hessian_sums`` for the formulas.
+
 Everything is fp32 (GPTQ's Cholesky runs in float64 for stability) and runs on the
 device of ``w``.
 """
@@ -235,10 +241,8 @@ def gptq_quantize(
         The column updates run in float32, as in the GPTQ reference code.
     """
     what = f"tensor {name!r}" if name else "weight"
-    _check_weight(w, what)
-    fmt = get_format(fmt)
-    m, n = w.shape
     if factor is None:
+        n = w.shape[-1]
         if hessian is None or tuple(hessian.shape) != (n, n):
             got = None if hessian is None else tuple(hessian.shape)
             raise ValueError(f"{what}: Hessian shape {got} does not match the weight's {n} "
@@ -247,28 +251,79 @@ def gptq_quantize(
             factor = gptq_factor(hessian, percdamp, act_order)
         except ValueError as e:
             raise ValueError(f"{what}: {e}") from e
-    hinv, dead, perm = factor
-    if tuple(hinv.shape) != (n, n):
-        raise ValueError(f"{what}: Hessian factor shape {tuple(hinv.shape)} does not match the "
-                         f"weight's {n} input columns")
+    return gptq_quantize_rows(w, [(0, w.shape[0], factor)], scale_inv, block_size, fmt=fmt,
+                              amax_floor=amax_floor, name=name)
+
+
+def gptq_quantize_rows(
+    w: torch.Tensor,
+    row_factors: list[tuple[int, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+    scale_inv: torch.Tensor | None = None,
+    block_size: tuple[int, int] = BLOCK_SIZE,
+    *,
+    fmt: FP8Format | str = E4M3,
+    amax_floor: float = AMAX_FLOOR,
+    name: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ rounding where groups of rows have Hessians of their own (``gptq_quantize`` is the
+    case of one group). GPTQ's objective is a sum over rows, so rows ``r0:r1`` can minimise
+    ``||X_g (w_r - q_r s_r)||^2`` with their own inputs' Hessian, for example the rows of one
+    attention head (``attention_hessian_sums``). The block scales are still one per 128x128
+    block, whatever rows share it.
+
+    Args:
+        w: ``[M, N]`` float weight.
+        row_factors: ``(r0, r1, gptq_factor(H_g, ...))`` covering the rows ``0..M`` in order,
+            each row once.
+        scale_inv, block_size, fmt, amax_floor: as ``gptq_quantize``.
+
+    Returns:
+        ``(q, scale_inv)`` as ``gptq_quantize``.
+    """
+    what = f"tensor {name!r}" if name else "weight"
+    _check_weight(w, what)
+    fmt = get_format(fmt)
+    m, n = w.shape
+    covered = [(r0, r1) for r0, r1, _ in row_factors]
+    if not covered or covered[0][0] != 0 or covered[-1][1] != m or any(
+            a[1] != b[0] for a, b in zip(covered[:-1], covered[1:], strict=True)) or any(
+            r1 <= r0 for r0, r1 in covered):
+        raise ValueError(f"{what}: row groups {covered} do not cover rows 0..{m} in order")
+    for _r0, _r1, (hinv, _dead, _perm) in row_factors:
+        if tuple(hinv.shape) != (n, n):
+            raise ValueError(f"{what}: Hessian factor shape {tuple(hinv.shape)} does not match "
+                             f"the weight's {n} input columns")
     if scale_inv is None:
         scale_inv = scale_from_amax(block_amax(w, block_size), fmt, "fp32", amax_floor)
     if tuple(scale_inv.shape) != block_grid((m, n), block_size):
         raise ValueError(f"{what}: scale grid {tuple(scale_inv.shape)} does not match weight "
                          f"{(m, n)} with blocks {block_size}")
     scale_inv = scale_inv.float()
-    # per-element scales, columns in processing order
-    scales = expand_block_scales(scale_inv, (m, n), block_size)[:, perm]
+    scales = expand_block_scales(scale_inv, (m, n), block_size)
     # a block that is all zero in ``w`` keeps zero codes: its floor scale cannot represent the
     # error the other columns push into it (its codes would saturate at +-448)
     zero = expand_block_scales((block_amax(w, block_size) == 0).float(), (m, n),
-                               block_size)[:, perm].bool()
+                               block_size).bool()
+    codes = torch.empty(m, n, dtype=torch.float32, device=w.device)
+    for r0, r1, factor in row_factors:
+        codes[r0:r1] = _gptq_codes(w[r0:r1].float(), scales[r0:r1], zero[r0:r1], factor,
+                                   block_size[1], fmt)
+    return codes.to(fmt.torch_dtype), scale_inv
 
-    work = w.float().clone()
+
+def _gptq_codes(w: torch.Tensor, scales: torch.Tensor, zero: torch.Tensor,
+                factor: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bn: int,
+                fmt: FP8Format) -> torch.Tensor:
+    """GPTQ's column loop: codes ``[R, N]`` (float32 values) of ``w [R, N]`` with per-element
+    scales ``scales`` and forced-zero elements ``zero``, columns in ``factor``'s order,
+    ``bn`` columns per lazy batch."""
+    hinv, dead, perm = factor
+    m, n = w.shape
+    scales, zero = scales[:, perm], zero[:, perm]
+    work = w.clone()
     work[:, dead] = 0.0
     work = work[:, perm]
     codes = torch.empty(m, n, dtype=torch.float32, device=w.device)
-    bn = block_size[1]
     for c0 in range(0, n, bn):
         c1 = min(c0 + bn, n)
         w1 = work[:, c0:c1].clone()
@@ -284,7 +339,59 @@ def gptq_quantize(
         work[:, c1:] -= err1 @ hinv[c0:c1, c1:]
     out = torch.empty_like(codes)
     out[:, perm] = codes
-    return out.to(fmt.torch_dtype), scale_inv
+    return out
+
+
+def attention_hessian_sums(x: torch.Tensor, probs: torch.Tensor, q: torch.Tensor,
+                           v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key/value head, the sums whose GPTQ Hessians weigh the tokens of one window by what
+    an error in their key or value does to the attention output.
+
+    Shapes: ``x [T, N]`` the input of ``k_proj`` / ``v_proj``; ``probs [H, T, T]`` the
+    attention probabilities (query ``t``, key ``s``); ``q [T, H, D]`` the queries (before or
+    after the rotary embedding: only each head's norm ``|q_t|`` is used); ``v [T, G, D]`` the
+    values, ``H = G * r`` (query head ``h`` reads key/value head ``h // r``).
+
+    Values (exact): the head's output is ``o_t = sum_s A_ts v_s``, linear in ``v``, so an error
+    ``dW`` of ``v_proj``'s rows of head ``g`` changes it by ``dW xbar_t``, with
+    ``xbar_t = sum_s A_ts x_s``::
+
+        Sv[g] = sum_{h reads g} sum_t xbar_t xbar_t^T
+
+    Keys (first order, errors of different keys and of different channels taken as
+    independent): a key error changes the score ``q_t . dk_s`` and the output by
+    ``A_ts (v_s - o_t)`` times that, so token ``s`` weighs
+    ``u_s = sum_{h reads g} sum_t A_ts^2 |v_s - o_t|^2 |q_t|^2`` (rotations keep ``|q_t|``)::
+
+        Sk[g] = sum_s u_s x_s x_s^T
+
+    Returns ``(Sk, Sv)``, each ``[G, N, N]`` float64; ``2 * S / T`` summed over windows is
+    the Hessian for ``gptq_factor``.
+    """
+    t, n = x.shape
+    heads, groups = probs.shape[0], v.shape[1]
+    if probs.shape != (heads, t, t) or q.shape[:2] != (t, heads) or v.shape[0] != t or \
+            heads % groups:
+        raise ValueError(f"attention shapes do not agree: x {tuple(x.shape)}, probs "
+                         f"{tuple(probs.shape)}, q {tuple(q.shape)}, v {tuple(v.shape)}")
+    x = x.float()
+    sk = torch.zeros(groups, n, n, dtype=torch.float64, device=x.device)
+    sv = torch.zeros(groups, n, n, dtype=torch.float64, device=x.device)
+    qn = q.float().pow(2).sum(-1)  # [T, H]
+    per = heads // groups
+    for g in range(groups):
+        vg = v[:, g].float()
+        vn = vg.pow(2).sum(-1)
+        u = torch.zeros(t, dtype=torch.float32, device=x.device)
+        for h in range(g * per, (g + 1) * per):
+            a = probs[h].float()
+            xbar = a @ x
+            sv[g] += (xbar.T @ xbar).double()
+            o = a @ vg
+            dist = (vn[None, :] - 2.0 * (o @ vg.T) + o.pow(2).sum(-1)[:, None]).clamp_min(0.0)
+            u += (a.pow(2) * dist).T @ qn[:, h]
+        sk[g] += ((x * u[:, None]).T @ x).double()
+    return sk, sv
 
 
 def float_target_correction(hessian: torch.Tensor, cross: torch.Tensor,

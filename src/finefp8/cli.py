@@ -218,12 +218,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _calibration_tokens(args: argparse.Namespace, src):
     """The ``--calibrate`` token windows: ``--text`` (default: the evaluation's default text,
-    from its end, disjoint from what ``finefp8 eval`` evaluates on) tokenized by IN's tokenizer."""
+    from its end, disjoint from what ``finefp8 eval`` evaluates on) tokenized by IN's tokenizer;
+    ``--calib-tokens`` of them, or by default up to ``DEFAULT_CALIB_TOKENS`` (all a shorter
+    text has; the default text's first ``DEFAULT_TOKENS`` are left out)."""
     import torch
     from transformers import AutoTokenizer
 
+    from .eval.options import DEFAULT_TOKENS
     from .eval.text import default_text, read_text_file
-    from .nn.calibrate import CalibrationTokens, calibration_token_windows
+    from .nn.calibrate import DEFAULT_CALIB_TOKENS, CalibrationTokens, calibration_token_windows
 
     source = read_text_file(args.text) if args.text else default_text()
     try:
@@ -232,8 +235,16 @@ def _calibration_tokens(args: argparse.Namespace, src):
         raise ValueError(f"--calibrate needs IN's tokenizer to tokenize the calibration text: "
                          f"{e}") from e
     ids = torch.tensor(tok(source.text, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    return CalibrationTokens(calibration_token_windows(ids, args.calib_tokens), source.name,
-                             source.sha256)
+    tokens = args.calib_tokens
+    if tokens is None:  # the default: up to DEFAULT_CALIB_TOKENS, what the text has
+        # the default text's first DEFAULT_TOKENS are what `finefp8 eval` evaluates on
+        usable = ids.numel() - (0 if args.text else DEFAULT_TOKENS)
+        tokens = max(min(DEFAULT_CALIB_TOKENS, usable), 0)
+        if tokens < DEFAULT_CALIB_TOKENS and not args.quiet:
+            print(f"finefp8 quantize: the calibration text has {usable} usable tokens, fewer "
+                  f"than the default {DEFAULT_CALIB_TOKENS}: calibrating on all of them",
+                  file=sys.stderr)
+    return CalibrationTokens(calibration_token_windows(ids, tokens), source.name, source.sha256)
 
 
 def _quantize_calibrated(args: argparse.Namespace, resolved, layout: str, tp, card, extra):
@@ -250,7 +261,7 @@ def _quantize_calibrated(args: argparse.Namespace, resolved, layout: str, tp, ca
             ignore=args.ignore, tp=tp, overwrite=args.overwrite, progress=not args.quiet,
             allow_nonfinite=args.allow_nonfinite, min_expert_tokens=args.min_expert_tokens,
             act_quant_inputs=args.calib_hessian == "w8a8", target=args.calib_target,
-            finish=card, extra_outputs=extra)
+            kv_hessian=args.kv_hessian, finish=card, extra_outputs=extra)
         meta = res.metadata
         if not args.quiet and "calibrated" in meta:
             print(f"finefp8 quantize: {meta['method']} calibrated {meta['calibrated']} weights "
@@ -394,11 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", default=None, metavar="FILE",
                    help="--calibrate: UTF-8 calibration text (default: the eval's default "
                         "text, its last tokens)")
-    p.add_argument("--calib-tokens", type=int, default=2048, metavar="N",
-                   help="--calibrate: calibration tokens, in windows of 1024 (2048)")
+    p.add_argument("--calib-tokens", type=int, default=None, metavar="N",
+                   help="--calibrate: calibration tokens from the end of the text, in windows "
+                        "of 1024 (default: 65536, or all the text has if fewer)")
     p.add_argument("--calib-hessian", choices=("float", "w8a8"), default="float",
                    help="--calibrate: GPTQ Hessians of the float inputs (default) or of the "
                         "1x128 FP8 inputs W8A8 computes with")
+    p.add_argument("--kv-hessian", choices=("attention", "input"), default="attention",
+                   help="--calibrate: k_proj / v_proj Hessians weighted by what their errors do "
+                        "to the attention output, one per key/value head (attention, default), "
+                        "or of their input as every other Linear (input)")
     p.add_argument("--calib-target", choices=("layer", "float-weights", "float-scales"),
                    default="layer",
                    help="--calibrate: what each FP8 layer is made to reproduce: its float weights "

@@ -9,9 +9,12 @@ from hypothesis import strategies as st
 
 from finefp8 import quantize_blockwise
 from finefp8.calibration import (
+    attention_hessian_sums,
     block_squared_error,
     float_target_weight,
+    gptq_factor,
     gptq_quantize,
+    gptq_quantize_rows,
     hessian_from_inputs,
     quantize_blockwise_mse,
 )
@@ -207,3 +210,116 @@ def test_float_target_weight_errors():
         float_target_weight(w, torch.eye(8), bad, name="x.weight")
     # all-zero inputs: damping falls back to 1 and the weight is unchanged
     assert torch.equal(float_target_weight(w, torch.zeros(8, 8), torch.zeros(8, 8)), w)
+
+
+# ----------------------------------------------------------------------------- row groups
+
+
+def test_gptq_rows_each_group_fits_its_own_inputs():
+    """Rows 0..64 calibrated on inputs X1 and rows 64..128 on X2 (another distribution): each
+    group's output error on fresh samples of its own inputs is lower than with the Hessian of
+    the other group's inputs, and the scales are the plain amax/448 ones."""
+    n = 256
+    w = torch.randn(128, n, generator=torch.Generator().manual_seed(4)) * 0.05
+    g = torch.Generator().manual_seed(9)
+    mix2 = torch.randn(n, n, generator=g) / n**0.5
+    x1, t1 = _correlated_inputs(2048, n, 1), _correlated_inputs(1024, n, 2)
+    x2 = torch.randn(2048, n, generator=g) @ mix2 * torch.linspace(0.1, 3.0, n)
+    t2 = torch.randn(1024, n, generator=g) @ mix2 * torch.linspace(0.1, 3.0, n)
+    f1, f2 = (gptq_factor(hessian_from_inputs(x), act_order=True) for x in (x1, x2))
+    q, s = gptq_quantize_rows(w, [(0, 64, f1), (64, 128, f2)])
+    q_swapped, _ = gptq_quantize_rows(w, [(0, 64, f2), (64, 128, f1)])
+    assert torch.equal(s, quantize_blockwise(w)[1])
+    deq = dequantize_blockwise(q, s, dtype=torch.float32)
+    deq_sw = dequantize_blockwise(q_swapped, s, dtype=torch.float32)
+
+    def err(d: torch.Tensor, rows: slice, x: torch.Tensor) -> float:
+        return float(((x @ (d[rows] - w[rows]).T) ** 2).sum())
+
+    assert err(deq, slice(0, 64), t1) < 0.9 * err(deq_sw, slice(0, 64), t1)
+    assert err(deq, slice(64, 128), t2) < 0.9 * err(deq_sw, slice(64, 128), t2)
+    for bad in ([(0, 64, f1)], [(0, 64, f1), (60, 128, f2)], [(0, 0, f1), (0, 128, f2)]):
+        with pytest.raises(ValueError, match="row groups"):
+            gptq_quantize_rows(w, bad)
+
+
+# ------------------------------------------------------------------------ attention Hessians
+
+
+def _attention(x, wq, wk, wv, heads, kv_heads, d):
+    """Causal softmax attention, float64, ``x [T, N]`` -> per-head outputs ``[H, T, D]`` and
+    probabilities ``[H, T, T]`` (query head ``h`` reads key/value head ``h // (H / G)``)."""
+    t = x.shape[0]
+    q = (x @ wq.T).view(t, heads, d).transpose(0, 1)
+    k = (x @ wk.T).view(t, kv_heads, d).transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+    v = (x @ wv.T).view(t, kv_heads, d).transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+    scores = q @ k.transpose(1, 2) / d**0.5
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    a = torch.softmax(scores, -1)
+    return a @ v, a
+
+
+def _attention_case(t=24, n=32, heads=4, kv_heads=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, n, generator=g, dtype=torch.float64)
+    x[0] *= 6.0  # an attention sink: the first token's key and value count for every query
+    wq, wk, wv = (torch.randn(rows, n, generator=g, dtype=torch.float64) / n**0.5
+                  for rows in (heads * d, kv_heads * d, kv_heads * d))
+    return x, wq, wk, wv
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_attention_value_sums_are_the_exact_output_error(seed):
+    """For any error ``dW`` of ``v_proj``'s rows of head ``g``, the squared change of the
+    outputs of the query heads reading ``g`` is ``tr(dW Sv[g] dW^T)`` exactly."""
+    heads, kv_heads, d = 4, 2, 8
+    x, wq, wk, wv = _attention_case(heads=heads, kv_heads=kv_heads, d=d, seed=seed)
+    out, a = _attention(x, wq, wk, wv, heads, kv_heads, d)
+    q = (x @ wq.T).view(-1, heads, d)
+    v = (x @ wv.T).view(-1, kv_heads, d)
+    _, sv = attention_hessian_sums(x.float(), a.float(), q.float(), v.float())
+    g = torch.Generator().manual_seed(seed + 10)
+    for head in range(kv_heads):
+        dw = torch.zeros_like(wv)
+        dw[head * d:(head + 1) * d] = torch.randn(d, x.shape[1], generator=g,
+                                                  dtype=torch.float64) * 0.01
+        out2, _ = _attention(x, wq, wk, wv + dw, heads, kv_heads, d)
+        want = float((out2 - out).pow(2).sum())
+        rows = dw[head * d:(head + 1) * d]
+        got = float(torch.trace(rows @ sv[head] @ rows.T))
+        assert got == pytest.approx(want, rel=1e-4)
+        other = 1 - head
+        assert float(torch.trace(rows @ sv[other] @ rows.T)) != pytest.approx(want, rel=0.01)
+
+
+def test_attention_key_weights_are_the_first_order_error_of_each_key():
+    """Inputs ``x_s = e_s`` (one basis vector a token) make ``Sk[g]`` diagonal, its entry
+    ``s`` the weight of token ``s``'s key. An error of that key alone changes the outputs, to
+    first order, by the Jacobian of the real attention with respect to that key; summed over
+    every direction of the error its squared norm is ``Sk[g][s, s] / D`` (the ``1/sqrt(D)``
+    score scale squared)."""
+    heads, kv_heads, d, t = 4, 2, 8, 8
+    _, wq, wk, wv = _attention_case(t=t, n=t, heads=heads, kv_heads=kv_heads, d=d, seed=3)
+    x = torch.eye(t, dtype=torch.float64) * torch.linspace(0.5, 3.0, t, dtype=torch.float64)[:, None]
+    out, a = _attention(x, wq, wk, wv, heads, kv_heads, d)
+    q = (x @ wq.T).view(-1, heads, d)
+    v = (x @ wv.T).view(-1, kv_heads, d)
+    sk, _ = attention_hessian_sums(x.float(), a.float(), q.float(), v.float())
+    for g in range(kv_heads):
+        assert torch.allclose(sk[g], torch.diag(torch.diagonal(sk[g])), atol=1e-9)
+        for s in range(t):
+            def outputs(col: torch.Tensor, g=g, s=s) -> torch.Tensor:
+                w2 = wk.clone()
+                w2[g * d:(g + 1) * d, s] = col  # only token s's key of head g moves
+                return _attention(x, wq, w2, wv, heads, kv_heads, d)[0]
+            jac = torch.autograd.functional.jacobian(outputs, wk[g * d:(g + 1) * d, s].clone())
+            c = float(x[s, s])
+            want = float(jac.pow(2).sum()) / c**2  # per unit of key, not of weight
+            got = float(sk[g][s, s]) / c**2 / d
+            assert got == pytest.approx(want, rel=1e-3, abs=1e-12), (g, s)
+
+
+def test_attention_sums_check_shapes():
+    with pytest.raises(ValueError, match="shapes"):
+        attention_hessian_sums(torch.randn(5, 8), torch.rand(4, 5, 5), torch.randn(5, 4, 2),
+                               torch.randn(5, 3, 2))

@@ -39,6 +39,16 @@ What each layer's FP8 output is made to reproduce, ``target``:
 
 The measured effect of each on SmolLM2 is in docs/eval.md; ``"layer"`` stays the default.
 
+Keys and values, ``kv_hessian``: with ``"attention"`` (the default), the ``k_proj`` and
+``v_proj`` of each self-attention module ``kv_attention_modules`` accepts (separate q/k/v
+projections, no q/k normalization) get one Hessian per key/value head from
+``calibration.attention_hessian_sums``: the tokens weighted by the attention they receive, so
+that GPTQ minimises the attention output's error rather than the keys' and values' own. The
+Hessian pass then runs transformers' eager attention (which returns the probabilities; a
+causal mask is passed where the model relied on SDPA's implicit one). ``"input"``: their
+input's Hessian, shared with ``q_proj``. The ``"float-weights"`` target always uses
+``"input"`` (GPTAQ's correction is per input).
+
 Experts routed fewer than ``min_expert_tokens`` calibration tokens keep DeepSeek-V3's plain
 rounding and are listed (``config.json`` ``finefp8_calibration.plain``), as are planned weights
 outside the decoder layers (an untied ``lm_head`` without the keep-rule, DeepSeek-V3's MTP
@@ -47,7 +57,9 @@ layer). Fused 3-D expert stacks on disk are quantized plainly by the shard write
 Memory: peak resident memory is about the input embedding + one decoder layer in float32
 (GPTQ and the forward run in float32 whatever the checkpoint's dtype) + its Hessians
 (``N^2`` float64 per distinct input) + the calibration activations ``2 * n * L * hidden * 4``
-bytes (inputs and outputs of the layer) + the per-window keyword arguments; the float targets
+bytes (inputs and outputs of the layer) + the per-window keyword arguments; the attention
+Hessians add ``2 * kv_heads * N^2`` float64 and one window's probabilities
+``heads * L^2 * 4`` bytes (with a few ``L^2`` temporaries); the float targets
 add the float model's stream (``2 * n * L * hidden * 4`` more) and ``"float-weights"`` keeps the
 float inputs of the layer's Linear groups (``n * L * (sum of their widths) * 4``), ``"float-
 scales"`` the autograd graph of one window through one layer. None grows with the number of
@@ -88,17 +100,19 @@ from .expert_checkpoint import expert_keys, key_renamer, read_experts
 from .experts import experts_modules
 from .loading import empty_model
 
-__all__ = ["METHODS", "TARGETS", "SCALE_TUNING_STEPS", "DEFAULT_CALIB_TOKENS",
+__all__ = ["METHODS", "TARGETS", "KV_HESSIANS", "SCALE_TUNING_STEPS", "DEFAULT_CALIB_TOKENS",
            "DEFAULT_CALIB_WINDOW", "DEFAULT_MIN_EXPERT_TOKENS",
            "CalibrationTokens", "calibration_token_windows", "decoder_layers",
+           "kv_attention_modules",
            "stage_gptq_codes", "quantize_calibrated", "CalibratedResult",
            "release_freed_memory", "fix_mmap_threshold", "text_sha256",
            "fake_quantize_activation"]
 
 METHODS = ("gptq",)
 TARGETS = ("layer", "float-weights", "float-scales")
+KV_HESSIANS = ("attention", "input")
 SCALE_TUNING_STEPS = 20
-DEFAULT_CALIB_TOKENS = 2048
+DEFAULT_CALIB_TOKENS = 65536
 DEFAULT_CALIB_WINDOW = 1024
 DEFAULT_MIN_EXPERT_TOKENS = 16
 _HIDDEN = "hidden"
@@ -290,6 +304,109 @@ class _Sums:
         return {n: hs[g] for n, g in self.groups.group_of.items()}
 
 
+class _AttentionSums:
+    """``calibration.attention_hessian_sums`` of one self-attention module over the windows:
+    hooks on ``k_proj`` (its input), ``q_proj`` and ``v_proj`` (their outputs) and the module
+    (its attention probabilities, which it returns when it runs as ``"eager"``)."""
+
+    def __init__(self, name: str, attn: nn.Module) -> None:
+        self.name = name
+        self.head_dim = int(attn.head_dim)
+        self.kv_heads = attn.k_proj.out_features // self.head_dim
+        self.heads = attn.q_proj.out_features // self.head_dim
+        self.seen: dict[str, torch.Tensor] = {}
+        self.sk: torch.Tensor | None = None
+        self.sv: torch.Tensor | None = None
+        self.count = 0
+
+    def hooks(self) -> tuple[list[tuple[str, Callable]], list[tuple[str, Callable]]]:
+        """``(pre-hooks, forward hooks)`` as ``(module name, hook)``."""
+        def k_in(_m, args):
+            self.seen["x"] = args[0].detach().reshape(-1, args[0].shape[-1])
+
+        def out(key: str):
+            def f(_m, _args, o):
+                self.seen[key] = o.detach().reshape(o.shape[0] * o.shape[1], -1,
+                                                    self.head_dim)
+            return f
+
+        def done(_m, _args, o):
+            probs = o[1] if isinstance(o, tuple) and len(o) > 1 else None
+            if probs is None or probs.dim() != 4 or probs.shape[0] != 1:
+                raise ConversionError(f"{self.name} did not return its attention probabilities "
+                                      f"for one window; pass --kv-hessian input")
+            sk, sv = calibration.attention_hessian_sums(self.seen["x"], probs[0].detach(),
+                                                        self.seen["q"], self.seen["v"])
+            self.sk = sk if self.sk is None else self.sk + sk
+            self.sv = sv if self.sv is None else self.sv + sv
+            self.count += int(self.seen["x"].shape[0])
+            self.seen.clear()
+
+        return ([(f"{self.name}.k_proj", k_in)],
+                [(f"{self.name}.q_proj", out("q")), (f"{self.name}.v_proj", out("v")),
+                 (self.name, done)])
+
+    def factors(self, percdamp: float) -> dict[str, list[tuple[int, int, tuple]]]:
+        """``{"k_proj": row factors, "v_proj": row factors}`` for ``gptq_quantize_rows``:
+        one Hessian ``2 S[g] / T`` per key/value head."""
+        out: dict[str, list[tuple[int, int, tuple]]] = {}
+        for part, sums in (("k_proj", self.sk), ("v_proj", self.sv)):
+            assert sums is not None
+            out[part] = [(g * self.head_dim, (g + 1) * self.head_dim,
+                          calibration.gptq_factor((2.0 * sums[g] / max(self.count, 1)).float(),
+                                                  percdamp, act_order=True))
+                         for g in range(self.kv_heads)]
+        return out
+
+
+def kv_attention_modules(layer: nn.Module, layer_name: str, linears: dict[str, str]
+                         ) -> dict[str, nn.Module]:
+    """The self-attention modules of ``layer`` whose keys and values the attention-weighted
+    Hessians apply to: separate ``q_proj`` / ``k_proj`` / ``v_proj`` Linear layers (both k and
+    v to be calibrated), a ``head_dim``, no normalization of q or k (Qwen3's ``q_norm`` /
+    ``k_norm`` put a nonlinearity between ``k_proj`` and the scores), and a ``config`` whose
+    attention implementation can be set. Keyed by the module's full name."""
+    found: dict[str, nn.Module] = {}
+    for n, m in layer.named_modules():
+        full = f"{layer_name}.{n}" if n else layer_name
+        projs = [getattr(m, p, None) for p in ("q_proj", "k_proj", "v_proj")]
+        if not all(isinstance(x, nn.Linear) for x in projs) or not hasattr(m, "head_dim"):
+            continue
+        if hasattr(m, "q_norm") or hasattr(m, "k_norm") or not hasattr(m, "config"):
+            continue
+        if f"{full}.k_proj" in linears and f"{full}.v_proj" in linears:
+            found[full] = m
+    return found
+
+
+@contextlib.contextmanager
+def _eager_attention(modules: dict[str, nn.Module]):
+    """Run ``modules`` with transformers' ``"eager"`` attention (which returns the
+    probabilities) until exit."""
+    configs = {id(m.config): m.config for m in modules.values()}
+    was = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = "eager"
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = was[k]
+
+
+def _with_causal_mask(kwargs: list[dict], hidden: list[torch.Tensor]) -> list[dict]:
+    """The layer's keyword arguments with an explicit additive causal mask ``[1, 1, L, L]``
+    where the model passed none (SDPA's ``is_causal`` path, which eager attention lacks)."""
+    out = []
+    for kw, h in zip(kwargs, hidden, strict=True):
+        if kw.get("attention_mask") is None:
+            n = h.shape[1]
+            mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)
+            kw = {**kw, "attention_mask": mask[None, None]}
+        out.append(kw)
+    return out
+
+
 class _Inputs:
     """The inputs ``[T, N]`` float32 of each group of Linear layers, per window."""
 
@@ -440,7 +557,7 @@ def stage_gptq_codes(src: str | os.PathLike, work: Path, keys: frozenset[str],
                      tokens: CalibrationTokens, *, dtype: torch.dtype = torch.float32,
                      min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, percdamp: float = 0.01,
                      trust_remote_code: bool = False, act_quant_inputs: bool = False,
-                     target: str = "layer",
+                     target: str = "layer", kv_hessian: str = "input",
                      on_layer: Callable[[int, int], None] | None = None) -> dict:
     """Stage GPTQ codes of the planned weights ``keys`` of checkpoint ``src`` into ``work``,
     one decoder layer at a time (module doc). Returns the metadata recorded in config.json:
@@ -449,8 +566,13 @@ def stage_gptq_codes(src: str | os.PathLike, work: Path, keys: frozenset[str],
     ``act_quant_inputs``: Hessians and propagation from the W8A8-quantized inputs
     (``_calibrate_layer``). ``target`` (module doc): ``"layer"``, ``"float-weights"``
     (``_calibrate_layer_float_target``) or ``"float-scales"`` (``_tune_block_scales``).
-    ``on_layer(i, n)`` is called after layer ``i`` of ``n``.
+    ``kv_hessian``: ``"attention"`` or ``"input"`` (``_calibrate_layer``; the float-weights
+    target always uses the input Hessians). ``on_layer(i, n)`` is called after layer ``i``
+    of ``n``.
     """
+    if kv_hessian not in KV_HESSIANS:
+        raise ConversionError(f"unknown --kv-hessian {kv_hessian!r}; expected one of "
+                              f"{KV_HESSIANS}")
     if target not in TARGETS:
         raise ConversionError(f"unknown calibration target {target!r}; expected one of {TARGETS}")
     from transformers import AutoConfig
@@ -489,7 +611,7 @@ def stage_gptq_codes(src: str | os.PathLike, work: Path, keys: frozenset[str],
                 hidden, floats = _calibrate_layer(
                     model, reader, prefix, i, targets[i], hidden, kwargs, model_key, dtype,
                     work, min_expert_tokens, percdamp, act_quant_inputs, floats,
-                    SCALE_TUNING_STEPS if target == "float-scales" else 0)
+                    SCALE_TUNING_STEPS if target == "float-scales" else 0, kv_hessian)
             _save_hidden(work, hidden, i, floats)
             release_freed_memory()
             if on_layer is not None:
@@ -668,6 +790,17 @@ def _pre_hooks(model: nn.Module, hooks: list[tuple[str, Callable]], with_kwargs:
 
 
 @contextlib.contextmanager
+def _post_hooks(model: nn.Module, hooks: list[tuple[str, Callable]]):
+    """Forward hooks ``(module name, hook)`` on ``model``'s submodules, removed on exit."""
+    handles = [model.get_submodule(n).register_forward_hook(fn) for n, fn in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def _w8a8_inputs(model: nn.Module, names: list[str], enabled: bool):
     """With ``enabled``, the modules ``names`` see their input as W8A8 computes with it
     (``_FakeQuantInputs``) until exit; yields the hook (its cache is cleared per window by the
@@ -693,12 +826,15 @@ def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i:
                      model_key: dict[str, str], dtype: torch.dtype, work: Path,
                      min_expert_tokens: int, percdamp: float,
                      act_quant_inputs: bool = False, floats: list[torch.Tensor] | None = None,
-                     tune_steps: int = 0
+                     tune_steps: int = 0, kv_hessian: str = "input"
                      ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Calibrate decoder layer ``i``: load, collect Hessians, GPTQ, stage, propagate, free.
     Returns the next layer's inputs in the quantized model and (given ``floats``, this layer's
     inputs in the float model) in the float model. With ``tune_steps``, the Linear weights'
     block scales are then tuned (``_tune_block_scales``) towards the float layer's outputs.
+    ``kv_hessian="attention"``: ``k_proj`` and ``v_proj`` of the attention modules
+    ``kv_attention_modules`` finds get one attention-weighted Hessian per key/value head
+    (``calibration.attention_hessian_sums``; the collection pass runs eager attention).
 
     ``act_quant_inputs``: every target Linear and experts module sees its input as W8A8 will
     (``fake_quantize_activation``) in both passes, so the Hessians are of the quantized
@@ -720,18 +856,34 @@ def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i:
             sums.next_window(tokens)
             fq_hook.cache.clear()
 
-        with _pre_hooks(model, [(n, sums.hook(n)) for n in targets.linears]
-                        + [(n, e.hook) for n, e in esums.items()]):
-            _run_layer(layer, hidden, kwargs, next_window)
+        attn = {n: _AttentionSums(n, m) for n, m in kv_attention_modules(
+            layer, name, targets.linears).items()} if kv_hessian == "attention" else {}
+        pre = [(n, sums.hook(n)) for n in targets.linears] + [(n, e.hook) for n, e in
+                                                              esums.items()]
+        post = []
+        for a in attn.values():
+            a_pre, a_post = a.hooks()
+            pre += a_pre
+            post += a_post
+        with _pre_hooks(model, pre), _post_hooks(model, post), \
+                _eager_attention({n: model.get_submodule(n) for n in attn}):
+            _run_layer(layer, hidden, _with_causal_mask(kwargs, hidden) if attn else kwargs,
+                       next_window)
         hessians, factors = sums.hessians(), {}
+        rows = {f"{n}.{part}": f for n, a in attn.items()
+                for part, f in a.factors(percdamp).items()}
         for mname, ckey in targets.linears.items():
             h, mod = hessians[mname], model.get_submodule(mname)
-            if id(h) not in factors:
-                factors[id(h)] = calibration.gptq_factor(h, percdamp, act_order=True)
-            q, s = calibration.gptq_quantize(mod.weight.detach().float(), None, None,
-                                             factor=factors[id(h)], name=ckey)
+            if mname in rows:
+                q, s = calibration.gptq_quantize_rows(mod.weight.detach().float(), rows[mname],
+                                                      name=ckey)
+            else:
+                if id(h) not in factors:
+                    factors[id(h)] = calibration.gptq_factor(h, percdamp, act_order=True)
+                q, s = calibration.gptq_quantize(mod.weight.detach().float(), None, None,
+                                                 factor=factors[id(h)], name=ckey)
             _keep_codes(mod, ckey, q, s, codes)
-        del hessians, factors
+        del hessians, factors, rows, attn
         _quantize_experts(model, targets, esums, min_expert_tokens, percdamp, codes, plain)
         del esums
         if tune_steps and floats_out is not None and targets.linears:
@@ -852,7 +1004,7 @@ def quantize_calibrated(src: str | os.PathLike, dst: str | os.PathLike, tokens: 
                         min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS,
                         dtype: torch.dtype = torch.float32,
                         trust_remote_code: bool = False, act_quant_inputs: bool = False,
-                        target: str = "layer",
+                        target: str = "layer", kv_hessian: str = "attention",
                         before_shard: Callable[[str], None] | None = None,
                         finish: Callable[[Path], None] | None = None,
                         extra_outputs: Sequence[str] = (),
@@ -864,7 +1016,9 @@ def quantize_calibrated(src: str | os.PathLike, dst: str | os.PathLike, tokens: 
     ``dtype``: the dtype the layers run and are calibrated in (float32); ``act_quant_inputs``:
     Hessians from the W8A8 (1x128 fake-quantized) inputs of each layer; ``target``: what each
     layer's FP8 output is made to reproduce, ``"layer"``, ``"float-weights"`` or
-    ``"float-scales"`` (module doc). The other parameters
+    ``"float-scales"`` (module doc); ``kv_hessian``: ``"attention"`` (one attention-weighted
+    Hessian per key/value head for ``k_proj`` / ``v_proj``, where the attention has them) or
+    ``"input"`` (their input's Hessian, as every other Linear). The other parameters
     are ``quantize_checkpoint``'s. ``config.json`` gets ``"finefp8_calibration"``: the method,
     the text's name and SHA-256, the token count and window, and the weights left plain.
     """
@@ -882,18 +1036,26 @@ def quantize_calibrated(src: str | os.PathLike, dst: str | os.PathLike, tokens: 
     options = {"method": method, "text_sha256": tokens.sha256, "ids_sha256": ids_sha,
                "min_expert_tokens": int(min_expert_tokens), "dtype": str(dtype),
                "percdamp": 0.01, "act_order": True, "act_quant_inputs": bool(act_quant_inputs)}
+    if kv_hessian not in KV_HESSIANS:
+        raise ConversionError(f"unknown --kv-hessian {kv_hessian!r}; expected one of "
+                              f"{KV_HESSIANS}")
+    if target == "float-weights":
+        kv_hessian = "input"  # GPTAQ's correction is per input group (module doc)
     if target != "layer":  # the fingerprint of a "layer" run stays what it was
         options["target"] = target
+    options["kv_hessian"] = kv_hessian
     metadata = {"method": method, "text": tokens.name, "text_sha256": tokens.sha256,
                 "tokens": int(tokens.ids.numel()), "windows": int(tokens.ids.shape[0]),
                 "window": int(tokens.ids.shape[1]), "min_expert_tokens": int(min_expert_tokens),
-                "hessian_inputs": "w8a8" if act_quant_inputs else "float", "target": target}
+                "hessian_inputs": "w8a8" if act_quant_inputs else "float", "target": target,
+                "kv_hessian": kv_hessian}
 
     def stage(work: Path, keys: frozenset[str]) -> dict:
         return stage_gptq_codes(src, work, keys, tokens, dtype=dtype,
                                 min_expert_tokens=min_expert_tokens,
                                 trust_remote_code=trust_remote_code,
                                 act_quant_inputs=act_quant_inputs, target=target,
+                                kv_hessian=kv_hessian,
                                 on_layer=on_layer)
 
     cal = Calibration(options, metadata, stage)
