@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {tname} | {r['kl']:.4f} +- {r['kl_se']:.4f} | {r['top1']:.3f} | "
               f"{100 * r['ppl']:+.2f}% [{100 * r['ppl_lo']:+.2f}, {100 * r['ppl_hi']:+.2f}] | "
               f"{secs:.1f} | {mem / 1e6:.0f} |")
+    for name, tname, r, _secs, _mem in rows:  # the table rounds; thresholds need more digits
+        print(f"{name}, {tname}: KL {r['kl']:.6f} +- {r['kl_se']:.6f}, ppl {100 * r['ppl']:+.4f}%")
     return 0
 
 
