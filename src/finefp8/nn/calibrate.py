@@ -351,7 +351,9 @@ class _AttentionSums:
         one Hessian ``2 S[g] / T`` per key/value head."""
         out: dict[str, list[tuple[int, int, tuple]]] = {}
         for part, sums in (("k_proj", self.sk), ("v_proj", self.sv)):
-            assert sums is not None
+            if sums is None:
+                raise ConversionError(f"{self.name} never ran during calibration; pass "
+                                      f"--kv-hessian input")
             out[part] = [(g * self.head_dim, (g + 1) * self.head_dim,
                           calibration.gptq_factor((2.0 * sums[g] / max(self.count, 1)).float(),
                                                   percdamp, act_order=True))
