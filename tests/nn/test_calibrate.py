@@ -731,6 +731,7 @@ def test_attention_kv_hessians_match_an_independent_whole_model_form(tmp_path):
         assert res.metadata["kv_hessian"] == kv
         cfg = json.loads((tmp_path / kv / "config.json").read_text())["finefp8_calibration"]
         assert cfg["kv_hessian"] == kv
+        assert cfg["kv_attention_modules"] == (2 if kv == "attention" else 0)
         runs[kv] = _tensors(tmp_path / kv)
     attn = model.model.layers[0].self_attn
     d, n = attn.head_dim, 256

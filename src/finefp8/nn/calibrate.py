@@ -563,7 +563,9 @@ def stage_gptq_codes(src: str | os.PathLike, work: Path, keys: frozenset[str],
                      on_layer: Callable[[int, int], None] | None = None) -> dict:
     """Stage GPTQ codes of the planned weights ``keys`` of checkpoint ``src`` into ``work``,
     one decoder layer at a time (module doc). Returns the metadata recorded in config.json:
-    ``{"calibrated": count, "plain": [keys], "plain_reasons": {key: why}}``.
+    ``{"calibrated": count, "plain": [keys], "plain_reasons": {key: why},
+    "kv_attention_modules": count}`` (the attention modules whose k/v had attention-weighted
+    Hessians).
 
     ``act_quant_inputs``: Hessians and propagation from the W8A8-quantized inputs
     (``_calibrate_layer``). ``target`` (module doc): ``"layer"``, ``"float-weights"``
@@ -618,17 +620,18 @@ def stage_gptq_codes(src: str | os.PathLike, work: Path, keys: frozenset[str],
             release_freed_memory()
             if on_layer is not None:
                 on_layer(i, n_layers)
-    staged, plain = 0, {}
+    staged, plain, kv_attention = 0, {}, 0
     for i in range(n_layers):
         meta = read_staged_meta(staged_path(work, f"layer-{i:05d}")) or {}
         staged += int(meta.get("calibrated", "0"))
+        kv_attention += int(meta.get("kv_attention", "0"))
         plain.update(json.loads(meta.get("plain", "{}")))
     done = {k for t in targets for k in list(t.linears.values())
             + [x[0] for v in t.experts.values() for x in v]}
     for k in sorted(keys - done):
         plain[k] = "not in a decoder layer's Linear or per-expert matrices"
     return {"calibrated": staged, "plain": sorted(plain), "plain_reasons": dict(sorted(
-        plain.items()))}
+        plain.items())), "kv_attention_modules": kv_attention}
 
 
 def _targets(model: nn.Module, prefix: str, n_layers: int, model_key: dict[str, str],
@@ -724,12 +727,15 @@ def _quantize_experts(model: nn.Module, targets: _LayerTargets, esums: dict[str,
 
 def _stage_and_propagate(work: Path, i: int, codes: dict[str, tuple[torch.Tensor, torch.Tensor]],
                          plain: dict[str, str], layer: nn.Module, hidden: list[torch.Tensor],
-                         kwargs: list[dict], fq_hook: _FakeQuantInputs) -> list[torch.Tensor]:
-    """Write layer ``i``'s codes (and the weights left plain) to the scratch folder, then run
-    the FP8 layer on ``hidden``: the next layer's inputs in the quantized model."""
+                         kwargs: list[dict], fq_hook: _FakeQuantInputs,
+                         kv_attention: int = 0) -> list[torch.Tensor]:
+    """Write layer ``i``'s codes (and the weights left plain, and how many attention modules
+    had attention-weighted k/v Hessians) to the scratch folder, then run the FP8 layer on
+    ``hidden``: the next layer's inputs in the quantized model."""
     n_cal = len(codes) - len(plain)
     write_staged(work, f"layer-{i:05d}", codes,
-                 {"layer": str(i), "calibrated": str(n_cal), "plain": json.dumps(plain)})
+                 {"layer": str(i), "calibrated": str(n_cal), "plain": json.dumps(plain),
+                  "kv_attention": str(kv_attention)})
     fq_hook.cache.clear()
     return _run_layer(layer, hidden, kwargs, lambda _n: fq_hook.cache.clear())
 
@@ -885,13 +891,15 @@ def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i:
                 q, s = calibration.gptq_quantize(mod.weight.detach().float(), None, None,
                                                  factor=factors[id(h)], name=ckey)
             _keep_codes(mod, ckey, q, s, codes)
+        kv_attention = len(attn)
         del hessians, factors, rows, attn
         _quantize_experts(model, targets, esums, min_expert_tokens, percdamp, codes, plain)
         del esums
         if tune_steps and floats_out is not None and targets.linears:
             _tune_block_scales(layer, name, targets.linears, codes, hidden, floats_out, kwargs,
                                tune_steps, after_window=fq_hook.cache.clear)
-        out = _stage_and_propagate(work, i, codes, plain, layer, hidden, kwargs, fq_hook)
+        out = _stage_and_propagate(work, i, codes, plain, layer, hidden, kwargs, fq_hook,
+                                   kv_attention)
     _to_meta(layer)
     return out, floats_out
 
