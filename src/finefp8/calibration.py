@@ -293,8 +293,9 @@ def gptq_quantize_rows(
         if tuple(hinv.shape) != (n, n):
             raise ValueError(f"{what}: Hessian factor shape {tuple(hinv.shape)} does not match "
                              f"the weight's {n} input columns")
+    amax = block_amax(w, block_size)
     if scale_inv is None:
-        scale_inv = scale_from_amax(block_amax(w, block_size), fmt, "fp32", amax_floor)
+        scale_inv = scale_from_amax(amax, fmt, "fp32", amax_floor)
     if tuple(scale_inv.shape) != block_grid((m, n), block_size):
         raise ValueError(f"{what}: scale grid {tuple(scale_inv.shape)} does not match weight "
                          f"{(m, n)} with blocks {block_size}")
@@ -302,8 +303,7 @@ def gptq_quantize_rows(
     scales = expand_block_scales(scale_inv, (m, n), block_size)
     # a block that is all zero in ``w`` keeps zero codes: its floor scale cannot represent the
     # error the other columns push into it (its codes would saturate at +-448)
-    zero = expand_block_scales((block_amax(w, block_size) == 0).float(), (m, n),
-                               block_size).bool()
+    zero = expand_block_scales((amax == 0).float(), (m, n), block_size).bool()
     codes = torch.empty(m, n, dtype=torch.float32, device=w.device)
     for r0, r1, factor in row_factors:
         codes[r0:r1] = _gptq_codes(w[r0:r1].float(), scales[r0:r1], zero[r0:r1], factor,

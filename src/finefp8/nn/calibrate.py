@@ -313,7 +313,6 @@ class _AttentionSums:
         self.name = name
         self.head_dim = int(attn.head_dim)
         self.kv_heads = attn.k_proj.out_features // self.head_dim
-        self.heads = attn.q_proj.out_features // self.head_dim
         self.seen: dict[str, torch.Tensor] = {}
         self.sk: torch.Tensor | None = None
         self.sv: torch.Tensor | None = None
@@ -398,13 +397,18 @@ def _eager_attention(modules: dict[str, nn.Module]):
 
 def _with_causal_mask(kwargs: list[dict], hidden: list[torch.Tensor]) -> list[dict]:
     """The layer's keyword arguments with an explicit additive causal mask ``[1, 1, L, L]``
-    where the model passed none (SDPA's ``is_causal`` path, which eager attention lacks)."""
+    where the model passed none (SDPA's ``is_causal`` path, which eager attention lacks); the
+    windows of one length share one mask."""
+    masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
     out = []
     for kw, h in zip(kwargs, hidden, strict=True):
         if kw.get("attention_mask") is None:
-            n = h.shape[1]
-            mask = torch.full((n, n), torch.finfo(h.dtype).min, dtype=h.dtype).triu(1)
-            kw = {**kw, "attention_mask": mask[None, None]}
+            key = (h.shape[1], h.dtype)
+            if key not in masks:
+                n = h.shape[1]
+                masks[key] = torch.full((n, n), torch.finfo(h.dtype).min,
+                                        dtype=h.dtype).triu(1)[None, None]
+            kw = {**kw, "attention_mask": masks[key]}
         out.append(kw)
     return out
 
@@ -786,21 +790,13 @@ def _tune_block_scales(layer: nn.Module, layer_name: str, linears: dict[str, str
 
 
 @contextlib.contextmanager
-def _pre_hooks(model: nn.Module, hooks: list[tuple[str, Callable]], with_kwargs: bool = False):
-    """Forward pre-hooks ``(module name, hook)`` on ``model``'s submodules, removed on exit."""
+def _pre_hooks(model: nn.Module, hooks: list[tuple[str, Callable]], with_kwargs: bool = False,
+               post: Sequence[tuple[str, Callable]] = ()):
+    """Forward pre-hooks ``(module name, hook)`` and forward hooks ``post`` on ``model``'s
+    submodules, removed on exit."""
     handles = [model.get_submodule(n).register_forward_pre_hook(fn, with_kwargs=with_kwargs)
                for n, fn in hooks]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def _post_hooks(model: nn.Module, hooks: list[tuple[str, Callable]]):
-    """Forward hooks ``(module name, hook)`` on ``model``'s submodules, removed on exit."""
-    handles = [model.get_submodule(n).register_forward_hook(fn) for n, fn in hooks]
+    handles += [model.get_submodule(n).register_forward_hook(fn) for n, fn in post]
     try:
         yield
     finally:
@@ -864,8 +860,9 @@ def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i:
             sums.next_window(tokens)
             fq_hook.cache.clear()
 
-        attn = {n: _AttentionSums(n, m) for n, m in kv_attention_modules(
-            layer, name, targets.linears).items()} if kv_hessian == "attention" else {}
+        mods = kv_attention_modules(layer, name, targets.linears) \
+            if kv_hessian == "attention" else {}
+        attn = {n: _AttentionSums(n, m) for n, m in mods.items()}
         pre = [(n, sums.hook(n)) for n in targets.linears] + [(n, e.hook) for n, e in
                                                               esums.items()]
         post = []
@@ -873,8 +870,7 @@ def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i:
             a_pre, a_post = a.hooks()
             pre += a_pre
             post += a_post
-        with _pre_hooks(model, pre), _post_hooks(model, post), \
-                _eager_attention({n: model.get_submodule(n) for n in attn}):
+        with _pre_hooks(model, pre, post=post), _eager_attention(mods):
             _run_layer(layer, hidden, _with_causal_mask(kwargs, hidden) if attn else kwargs,
                        next_window)
         hessians, factors = sums.hessians(), {}
@@ -892,7 +888,7 @@ def _calibrate_layer(model: nn.Module, reader: CheckpointReader, prefix: str, i:
                                                  factor=factors[id(h)], name=ckey)
             _keep_codes(mod, ckey, q, s, codes)
         kv_attention = len(attn)
-        del hessians, factors, rows, attn
+        del hessians, factors, rows, attn, mods
         _quantize_experts(model, targets, esums, min_expert_tokens, percdamp, codes, plain)
         del esums
         if tune_steps and floats_out is not None and targets.linears:
@@ -1036,6 +1032,9 @@ def quantize_calibrated(src: str | os.PathLike, dst: str | os.PathLike, tokens: 
         raise ConversionError(f"unknown --calibrate {method!r}; expected one of {METHODS}")
     if target not in TARGETS:
         raise ConversionError(f"unknown calibration target {target!r}; expected one of {TARGETS}")
+    if kv_hessian not in KV_HESSIANS:
+        raise ConversionError(f"unknown --kv-hessian {kv_hessian!r}; expected one of "
+                              f"{KV_HESSIANS}")
     if min_expert_tokens < 1:
         raise ConversionError(f"--min-expert-tokens must be >= 1, got {min_expert_tokens}: an "
                               f"expert routed no calibration token has no Hessian to calibrate on")
@@ -1046,9 +1045,6 @@ def quantize_calibrated(src: str | os.PathLike, dst: str | os.PathLike, tokens: 
     options = {"method": method, "text_sha256": tokens.sha256, "ids_sha256": ids_sha,
                "min_expert_tokens": int(min_expert_tokens), "dtype": str(dtype),
                "percdamp": 0.01, "act_order": True, "act_quant_inputs": bool(act_quant_inputs)}
-    if kv_hessian not in KV_HESSIANS:
-        raise ConversionError(f"unknown --kv-hessian {kv_hessian!r}; expected one of "
-                              f"{KV_HESSIANS}")
     if target == "float-weights":
         kv_hessian = "input"  # GPTAQ's correction is per input group (module doc)
     if target != "layer":  # the fingerprint of a "layer" run stays what it was
