@@ -767,3 +767,30 @@ def test_attention_kv_hessians_match_an_independent_whole_model_form(tmp_path):
     key = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(runs["attention"][key].view(torch.uint8), runs["input"][key].view(torch.uint8))
     assert sk.shape == (2, n, n)
+
+
+def test_attention_kv_hessians_on_mixtral(tmp_path):
+    """Mixtral (MoE, Llama-style attention): the default calibration gives every layer's k/v
+    the attention-weighted Hessians (counted in config.json), so their codes differ from
+    ``kv_hessian="input"``'s while q_proj's stay the same, and the routed experts are still
+    calibrated."""
+    import moe_models
+
+    model = moe_models.mixtral()
+    model.save_pretrained(tmp_path / "in")
+    tokens = CalibrationTokens(_ids(2, 128, seed=4, vocab=model.config.vocab_size),
+                               "random ids", "ab" * 32)
+    got = {}
+    for kv in ("attention", "input"):
+        res = quantize_calibrated(tmp_path / "in", tmp_path / kv, tokens, progress=False, tp=(),
+                                  kv_hessian=kv)
+        assert res.metadata["kv_attention_modules"] == (
+            model.config.num_hidden_layers if kv == "attention" else 0)
+        assert res.metadata["plain"] == []
+        got[kv] = _tensors(tmp_path / kv)
+    for i in range(model.config.num_hidden_layers):
+        for part, same in (("q_proj", i == 0), ("k_proj", False), ("v_proj", False)):
+            k = f"model.layers.{i}.self_attn.{part}.weight"
+            assert got["input"][k].dtype == torch.float8_e4m3fn, k
+            assert torch.equal(got["attention"][k].view(torch.uint8),
+                               got["input"][k].view(torch.uint8)) == same, k
